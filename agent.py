@@ -1,0 +1,715 @@
+#!/usr/bin/env python3
+"""cockpit-agent: runs whitelisted commands published by the Cockpit backend over Redis.
+
+A message's whole path, in call order:
+
+    Listener.loop_once -> Intake.handle -> Store.accept (commands row) -> queue
+    -> Worker.loop_once -> handlers.execute -> Store.finish (outbox row)
+    -> Flusher.loop_once -> PUBLISH (and SET of the result key)
+
+Each thread is a small Loop; SIGTERM/SIGINT only set a flag that the main thread acts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import random
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+import protocol
+from config import VERSION, Config, RedactSecrets, load, secrets_of
+from errors import ConfigError, ValidationError
+from handlers import REGISTRY, Action, Children, Registry, execute
+from handlers.base import monotonic_ms
+from outbox import Message, Store
+
+log = logging.getLogger("cockpit_agent")
+
+EX_CONFIG = 78  # sysexits.h; the unit does not restart on it (RestartPreventExitStatus)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# Publishes a response and stores it at its result key in one step. The "delivered" marker
+# makes a retry after a lost reply (Redis answered, the connection died before we read it) a
+# no-op instead of a second copy. Returns the number of receivers, or -1 if already delivered.
+PUBLISH_ONCE = """
+if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local receivers = redis.call('PUBLISH', ARGV[1], ARGV[2])
+if #KEYS == 2 then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  if receivers > 0 then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
+end
+return receivers
+"""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; ``reset`` after a success."""
+
+    def __init__(self, base: float = 0.5, cap: float = 5.0):
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        """The next delay (seconds)."""
+        delay = min(self.cap, self.base * (2 ** min(self.failures, 16)))
+        self.failures += 1
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        """Start again from the base delay."""
+        self.failures = 0
+
+
+class Loop(threading.Thread):
+    """A thread that runs ``loop_once`` until ``stop`` is set, and never dies of an error.
+
+    An iteration that raises is logged, then the loop backs off (capped, jittered) and tries
+    again; the backoff resets after a success. ``last_progress`` tells the watchdog it lives.
+    """
+
+    backoff_cap = 5.0
+
+    def __init__(self, name: str, agent: Agent):
+        super().__init__(name=f"cockpit-agent-{name}", daemon=True)
+        self.agent = agent
+        self.config = agent.config
+        self.log = logging.getLogger(f"cockpit_agent.{name}")
+        self.stop = threading.Event()
+        self.backoff = Backoff(cap=self.backoff_cap)
+        self.last_progress = time.monotonic()
+        self.failing_since: float | None = None
+
+    def setup(self) -> None:
+        """Open what this thread owns (its Store, its Redis connection)."""
+
+    def teardown(self) -> None:
+        """Close what ``setup`` opened."""
+
+    def loop_once(self) -> None:
+        """One unit of work; waits with ``self.stop.wait`` or an event, never ``time.sleep``."""
+        raise NotImplementedError
+
+    def on_error(self, exc: Exception) -> None:
+        """Log a failed iteration: Redis outages once per outage, anything else in full."""
+        if isinstance(exc, REDIS_DOWN):
+            if self.failing_since is None:
+                self.log.warning("Redis unreachable: %s", exc)
+        else:
+            self.log.exception("iteration failed; retrying")
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.setup()
+                break
+            except Exception as exc:  # e.g. the database directory is not writable yet
+                self.log.error("cannot start: %s", exc)
+                self.stop.wait(self.backoff.next())
+        while not self.stop.is_set():
+            try:
+                self.loop_once()
+            except Exception as exc:
+                self.on_error(exc)
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.stop.wait(self.backoff.next())
+            else:
+                if self.failing_since is not None:
+                    self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
+                    self.failing_since = None
+                self.backoff.reset()
+            self.last_progress = time.monotonic()
+        try:
+            self.teardown()
+        except Exception:
+            self.log.exception("teardown failed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """An accepted, validated command waiting for a worker."""
+
+    command_id: str
+    command: str
+    action: Action
+    sender: str | None = None
+
+
+class Intake:
+    """Turns a raw message into a ``commands`` row and a queued Job, or into an error answer.
+
+    Owned by the listener thread (it holds that thread's Store).
+    """
+
+    def __init__(self, agent: Agent, store: Store, client: redis.Redis):
+        self.agent, self.config, self.store, self.client = agent, agent.config, store, client
+        self.log = logging.getLogger("cockpit_agent.intake")
+
+    def handle(self, data: bytes) -> None:
+        """Accept one message; never raises, so one bad message cannot stop the listener."""
+        try:
+            self._handle(data)
+        except sqlite3.Error as exc:
+            self._store_failed(data, exc)
+        except Exception:
+            self.log.exception("could not handle a message of %d bytes", len(data))
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            cmd = protocol.parse(
+                data, max_bytes=self.config.max_message_bytes, secret=self.config.shared_secret
+            )
+        except protocol.Rejected as rejected:
+            self._rejected(rejected, data)
+            return
+        existing = self.store.get(cmd.command_id)
+        if existing is not None:
+            self._duplicate(existing)
+            return
+        if self.agent.queue.qsize() >= self.config.queue_max:
+            self.log.warning("%s: refused, %d commands already queued", cmd.command_id, self.agent.queue.qsize())
+            self._answer(cmd.command_id, f"busy: {self.agent.queue.qsize()} commands are already waiting "
+                         f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
+            return
+        try:
+            action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
+        except ValidationError as exc:
+            self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
+            response, message = self.agent.error_answer(cmd.command_id, str(exc))
+            accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
+        else:
+            accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
+            if accepted.new:
+                self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender))
+                self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
+        if accepted.new:
+            self.agent.outbox_wake.set()
+        else:
+            self._duplicate(accepted.row)
+
+    def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
+        if rejected.command_id is None:
+            self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
+            return
+        self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
+        if rejected.stored:
+            existing = self.store.get(rejected.command_id)
+            if existing is not None:
+                self._duplicate(existing)
+                return
+            response, message = self.agent.error_answer(rejected.command_id, rejected.reason)
+            self.store.accept(rejected.command_id, "(malformed)", {}, None, (response, message))
+            self.agent.outbox_wake.set()
+        else:
+            self._answer(rejected.command_id, rejected.reason, stored=False)
+
+    def _answer(self, command_id: str, error: str, stored: bool) -> None:
+        """Queue an error answer that is not recorded under the command_id."""
+        _, message = self.agent.error_answer(command_id, error, result_key=stored)
+        self.store.enqueue(message)
+        self.agent.outbox_wake.set()
+
+    def _duplicate(self, row: dict[str, Any]) -> None:
+        command_id = row["command_id"]
+        if row["state"] != "done":
+            self.log.info("%s: seen before and still %s; its response will follow", command_id, row["state"])
+            return
+        waiting = self.store.db.execute(
+            "SELECT count(*) FROM outbox WHERE command_id = ? AND result_key IS NOT NULL", [command_id]
+        ).fetchone()[0]
+        if waiting:
+            self.log.info("%s: seen before; its response is already waiting to be published", command_id)
+            return
+        self.log.info("%s: seen before; publishing its stored response again, not running it", command_id)
+        self.store.enqueue(Message(self.config.response_channel, row["response"], command_id, None))
+        self.agent.outbox_wake.set()
+
+    def _store_failed(self, data: bytes, exc: sqlite3.Error) -> None:
+        """The database cannot be written: refuse loudly and directly, keep nothing we cannot keep."""
+        self.log.error("cannot write %s (%s): refusing commands until it is writable", self.config.outbox_db, exc)
+        try:
+            cmd = protocol.parse(data, max_bytes=self.config.max_message_bytes, secret=self.config.shared_secret)
+        except protocol.Rejected:
+            return
+        response, message = self.agent.error_answer(
+            cmd.command_id,
+            f"the agent cannot write its database ({exc}); the command was not run, send it again later",
+            result_key=False,
+        )
+        try:
+            self.client.publish(message.channel, message.payload)
+        except REDIS_DOWN:
+            pass
+
+
+class Listener(Loop):
+    """Subscribes to the command channel and hands every message to the Intake."""
+
+    liveness_message = b"cockpit-agent-liveness"
+
+    def setup(self) -> None:
+        self.client = self.config.redis_client()
+        self.store = self.agent.open_store()
+        self.intake = Intake(self.agent, self.store, self.client)
+        self.pubsub: redis.client.PubSub | None = None
+        self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
+
+    def teardown(self) -> None:
+        self._close()
+        self.store.close()
+
+    def _close(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:
+                pass
+            self.pubsub = None
+
+    def _subscribe(self) -> None:
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(self.config.command_channel)
+        # Wait for the subscribe confirmation, so "online" means commands are really heard.
+        deadline = time.monotonic() + self.config.redis_socket_timeout
+        while not self.pubsub.subscribed:
+            self.pubsub.get_message(timeout=0.2)
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
+        now = time.monotonic()
+        self.last_pong = self.last_ping = now
+        self.log.info("subscribed to %s", self.config.command_channel)
+        self.agent.redis_connected.set()
+        self.agent.heartbeat_now.set()
+        self.agent.flush_now()
+
+    def loop_once(self) -> None:
+        if self.pubsub is None:
+            self._subscribe()
+        message = self.pubsub.get_message(timeout=1.0)
+        now = time.monotonic()
+        if message is not None:
+            self.last_pong = now  # any traffic proves the connection lives
+            if message["type"] == "message":
+                self.intake.handle(message["data"])
+        self._check_liveness(now)
+
+    def _check_liveness(self, now: float) -> None:
+        """A connection that neither answers nor closes (a frozen server) is torn down."""
+        silent = now - self.last_pong
+        if silent > 2 * self.liveness_interval + self.config.redis_socket_timeout:
+            raise redis.ConnectionError(f"no answer from Redis on the subscription for {silent:.0f} s")
+        if now - self.last_ping >= self.liveness_interval:
+            self.pubsub.ping(self.liveness_message)
+            self.last_ping = now
+
+    def on_error(self, exc: Exception) -> None:
+        self.agent.redis_connected.clear()
+        self._close()
+        super().on_error(exc)
+
+
+class WorkerPool:
+    """Hands queued Jobs to workers; Jobs with the same target run one at a time, in order.
+
+    Taking a job and claiming its target happen under one lock, so two workers cannot
+    reorder commands for the same repository or container.
+    """
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self._take_lock = threading.Lock()
+        self._lanes: dict[str, deque[Job]] = {}
+        self.workers = [Worker(f"worker-{i + 1}", agent, self) for i in range(agent.config.worker_count)]
+        self.draining = threading.Event()
+
+    def take(self, timeout: float) -> Job | None:
+        """The next Job whose target is free; a Job for a busy target waits in that target's lane."""
+        deadline = time.monotonic() + timeout
+        with self._take_lock:
+            while not self.draining.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                try:
+                    job = self.agent.queue.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    continue
+                target = job.action.target
+                if target is None:
+                    return job
+                if target in self._lanes:
+                    self._lanes[target].append(job)
+                    continue
+                self._lanes[target] = deque()
+                return job
+        return None
+
+    def done(self, job: Job) -> Job | None:
+        """Release ``job``'s target; returns the next Job waiting for it, for the same worker."""
+        target = job.action.target
+        if target is None:
+            return None
+        with self._take_lock:
+            lane = self._lanes[target]
+            if lane and not self.draining.is_set():
+                return lane.popleft()
+            del self._lanes[target]
+            return None
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+
+class Worker(Loop):
+    """Runs Jobs: claim the row, run the handler, record the result and its response."""
+
+    def __init__(self, name: str, agent: Agent, pool: WorkerPool):
+        super().__init__(name, agent)
+        self.pool = pool
+        self.current: Job | None = None
+
+    def setup(self) -> None:
+        self.store = self.agent.open_store()
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def loop_once(self) -> None:
+        job = self.pool.take(timeout=1.0)
+        while job is not None:
+            self.current = job
+            try:
+                self.run_job(job)
+            finally:
+                self.current = None
+            job = self.pool.done(job)
+
+    def run_job(self, job: Job) -> None:
+        """Run one Job exactly once and leave its response in the outbox."""
+        if not self.store.claim(job.command_id):
+            self.log.warning("%s: not queued any more; not running it", job.command_id)
+            return
+        start = time.monotonic()
+        result = execute(job.action, self.agent.children)
+        elapsed = monotonic_ms(start)
+        response, message = self.agent.answer(job.command_id, result.status, result.output, result.error, elapsed)
+        backoff = Backoff()
+        while True:
+            try:
+                self.store.finish(job.command_id, result.status, result.full_output, result.error, elapsed, message)
+                break
+            except sqlite3.Error as exc:
+                # The command ran; keep trying to record it rather than lose its answer.
+                self.log.error("%s: cannot record the result (%s); retrying", job.command_id, exc)
+                if self.agent.force_stop.wait(backoff.next()):
+                    return
+        self.agent.count_executed()
+        self.agent.outbox_wake.set()
+        self.log.info(
+            "%s: %s %s in %d ms%s", job.command_id, job.command, result.status, elapsed,
+            f": {protocol.preview(result.error, 300)}" if result.error else "",
+        )
+
+
+class Flusher(Loop):
+    """Publishes the outbox in order, pipelined; waits on an event, not a hot poll."""
+
+    batch = 500
+
+    def setup(self) -> None:
+        self.store = self.agent.open_store()
+        self.client = self.agent.redis
+        self.script = self.client.register_script(PUBLISH_ONCE)
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def loop_once(self) -> None:
+        if self.agent.retry_now.is_set():
+            self.agent.retry_now.clear()
+            self.store.retry_all_now()
+        self.agent.outbox_wake.clear()
+        rows = self.store.due(self.batch)
+        if not rows:
+            next_due = self.store.next_due()
+            wait = 5.0 if next_due is None else min(5.0, max(0.0, next_due - time.time()))
+            self.agent.outbox_wake.wait(wait)
+            return
+        self.publish(rows)
+
+    def publish(self, rows: list[dict[str, Any]]) -> int:
+        """Publish ``rows`` in one pipeline; returns how many were delivered."""
+        pipe = self.client.pipeline(transaction=False)
+        ttl = self.config.result_ttl
+        for row in rows:
+            keys = [row["result_key"], row["result_key"] + ":delivered"] if row["result_key"] else []
+            self.script(keys=keys, args=[row["channel"], row["payload"], ttl], client=pipe)
+        results = pipe.execute(raise_on_error=False)
+        now = time.time()
+        delivered, retries = [], []
+        for row, result in zip(rows, results):
+            if isinstance(result, Exception):
+                if isinstance(result, REDIS_DOWN):
+                    raise result
+                self.log.error("outbox %d (%s): Redis refused it: %s", row["id"], row["command_id"], result)
+                retries.append((row["id"], now + 30.0))
+            elif result != 0:
+                delivered.append(row["id"])
+            elif row["unheard_since"] and now - row["unheard_since"] > self.config.response_retry_seconds:
+                delivered.append(row["id"])
+                self.log.warning(
+                    "%s: no one received its response for %d s; giving up on the channel%s",
+                    row["command_id"], self.config.response_retry_seconds,
+                    f", it stays at {row['result_key']} for {ttl} s" if row["result_key"] else "",
+                )
+            else:
+                delay = min(10.0, 0.25 * 2 ** min(row["attempts"], 10))
+                retries.append((row["id"], now + delay / 2 + random.uniform(0, delay / 2)))
+        self.store.delivered(delivered)
+        self.store.unheard(retries, now)
+        if delivered:
+            self.log.debug("published %d of %d", len(delivered), len(rows))
+        return len(delivered)
+
+
+class Heartbeat(Loop):
+    """Keeps the registry hash current (and re-creates it after Redis lost its data)."""
+
+    def setup(self) -> None:
+        self.client = self.agent.redis
+
+    def loop_once(self) -> None:
+        self.agent.heartbeat_now.clear()
+        self.beat("online")
+        self.agent.heartbeat_now.wait(self.config.heartbeat_interval)
+
+    def beat(self, status: str) -> None:
+        """Write every registry field and renew its expiry."""
+        key, interval = self.config.registry_key, self.config.heartbeat_interval
+        fields = {
+            "status": status,
+            "last_heartbeat": int(time.time()),
+            "version": VERSION,
+            "hostname": socket.gethostname(),
+            "capabilities": ",".join(self.agent.registry.names()),
+            "started_at": int(self.agent.started_at),
+            "commands_executed": self.agent.executed,
+            "agent_id": self.config.agent_id,
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, 3 * interval)
+        pipe.execute()
+        self.agent.last_heartbeat = time.time()
+
+
+class Agent:
+    """Wires the threads together and owns what they share."""
+
+    def __init__(self, config: Config, registry: Registry = REGISTRY):
+        self.config = config
+        self.registry = registry
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.children = Children()
+        self.redis = config.redis_client()
+        self.outbox_wake = threading.Event()
+        self.retry_now = threading.Event()
+        self.heartbeat_now = threading.Event()
+        self.redis_connected = threading.Event()
+        self.stop_requested = threading.Event()
+        self.force_stop = threading.Event()
+        self.started_at = time.time()
+        self.last_heartbeat: float | None = None
+        self._executed_lock = threading.Lock()
+        self.executed = 0
+        self.pool = WorkerPool(self)
+        self.listener = Listener("listener", self)
+        self.flusher = Flusher("flusher", self)
+        self.heartbeat = Heartbeat("heartbeat", self)
+
+    # -- shared helpers -------------------------------------------------------------------------
+
+    def open_store(self) -> Store:
+        """A new Store for the calling thread."""
+        return Store(self.config.outbox_db, self.config.outbox_synchronous)
+
+    def count_executed(self) -> None:
+        with self._executed_lock:
+            self.executed += 1
+
+    def flush_now(self) -> None:
+        """Redis is back: publish what waits without sitting out its backoff."""
+        self.retry_now.set()
+        self.outbox_wake.set()
+
+    def answer(self, command_id: str, status: str, output: str | None, error: str | None,
+               elapsed_ms: int, result_key: bool = True) -> tuple[dict[str, Any], Message]:
+        """The response for a command and the outbox Message that carries it."""
+        extra: dict[str, Any] = {}
+        limit = self.config.output_limit
+        if output is not None and len(output) > limit:
+            extra = {"truncated": True, "output_size": len(output)}
+            half = limit // 2
+            output = f"{output[:half]}\n[... {len(output) - 2 * half} characters omitted ...]\n{output[-half:]}"
+        response = protocol.response(command_id, status, output, error, elapsed_ms, self.config.agent_id, **extra)
+        key = self.config.result_key(command_id) if result_key else None
+        return response, Message(self.config.response_channel, protocol.encode(response), command_id, key)
+
+    def error_answer(self, command_id: str, error: str, result_key: bool = True) -> tuple[dict[str, Any], Message]:
+        """An error response for a command that will not run."""
+        return self.answer(command_id, "error", None, error, 0, result_key)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Answer what an earlier run left running (interrupted) and queue what it left queued."""
+        store = self.open_store()
+        try:
+            running, queued = store.pending()
+            for row in running:
+                error = "interrupted: the agent stopped while this command was running; it was not run again"
+                response, message = self.error_answer(row["command_id"], error)
+                store.finish(row["command_id"], "error", None, error, 0, message)
+                log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
+            for row in queued:
+                try:
+                    action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
+                except ValidationError as exc:
+                    response, message = self.error_answer(row["command_id"], str(exc))
+                    store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    continue
+                self.queue.put(Job(row["command_id"], row["command"], action, row["sender"]))
+            self.executed = store.db.execute(
+                "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
+            ).fetchone()[0]
+            if running or queued:
+                log.info("recovered %d interrupted and %d queued commands", len(running), len(queued))
+        finally:
+            store.close()
+
+    def threads(self) -> list[Loop]:
+        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener]
+
+    def start(self) -> None:
+        """Recover, then start every thread (workers first, the listener last)."""
+        self.recover()
+        self.pool.start()
+        self.flusher.start()
+        self.heartbeat.start()
+        self.listener.start()
+        log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
+
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """Signal handler: the first signal asks for a graceful stop, the second for an immediate one."""
+        if self.stop_requested.is_set():
+            self.force_stop.set()
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        while not self.stop_requested.wait(1.0):
+            for thread in self.threads():
+                if not thread.is_alive():
+                    log.critical("%s died; stopping so that systemd restarts the agent", thread.name)
+                    self.stop_requested.set()
+        return self.shutdown()
+
+    def _wait(self, condition, timeout: float) -> bool:
+        """Wait for ``condition()`` up to ``timeout`` s, giving up early on a forced stop."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.force_stop.is_set() or time.monotonic() >= deadline:
+                return False
+            self.force_stop.wait(0.05)
+        return True
+
+    def shutdown(self) -> int:
+        """Stop taking commands, let running ones finish, flush, say offline."""
+        busy = [w.current.command_id for w in self.pool.workers if w.current is not None]
+        log.info("stopping: no new commands; %d running, up to %g s to finish", len(busy), self.config.shutdown_grace)
+        self.listener.stop.set()
+        self.pool.draining.set()
+        for worker in self.pool.workers:
+            worker.stop.set()
+        if not self._wait(lambda: not any(w.is_alive() for w in self.pool.workers), self.config.shutdown_grace):
+            killed = self.children.kill_all()
+            log.warning("grace period over: interrupted %d running commands", killed)
+            self._wait(lambda: not any(w.is_alive() for w in self.pool.workers), 5.0)
+        if self.force_stop.is_set():
+            self.children.kill_all()
+            log.warning("second signal: stopping at once; unfinished work stays in %s", self.config.outbox_db)
+            return 1
+        self.flush_now()
+        store = self.open_store()
+        try:
+            self._wait(lambda: store.counts()["outbox"] == 0 or not self.redis_connected.is_set(), 5.0)
+            left = store.counts()
+        finally:
+            store.close()
+        for thread in (self.flusher, self.heartbeat, self.listener):
+            thread.stop.set()
+        self.outbox_wake.set()
+        self.heartbeat_now.set()
+        for thread in (self.flusher, self.heartbeat, self.listener):
+            thread.join(5.0)
+        try:
+            self.heartbeat.client = self.redis
+            self.heartbeat.beat("offline")
+        except Exception as exc:
+            log.warning("could not write status=offline: %s", exc)
+        log.info("stopped; %d queued commands and %d unsent messages kept in %s",
+                 left["queued"], left["outbox"], self.config.outbox_db)
+        return 0
+
+
+def setup_logging(config: Config | None, level: str = "INFO") -> None:
+    """Readable lines on stderr; under journald, without a second timestamp."""
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    if config is not None:
+        handler.addFilter(RedactSecrets(secrets_of(config)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level if config else level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``agent.py [run]``."""
+    parser = argparse.ArgumentParser(
+        prog="cockpit-agent",
+        description="Run whitelisted commands published by the Cockpit backend over Redis.",
+    )
+    sub = parser.add_subparsers(dest="cmd")
+    sub.add_parser("run", help="run the agent in the foreground (the default)")
+    parser.add_argument("--env-file", help="read variables from this file (default: ./.env)")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.env_file)
+    except ConfigError as exc:
+        print(f"cockpit-agent: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config)
+    return Agent(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The agent's configuration: one frozen Config built from the environment (and ``.env``).
+
+Every variable of PROTOCOL.md is read here and nowhere else. A bad value raises ConfigError
+with one line that names the variable and what it expected; secret values never appear in
+that line, in ``repr(config)`` or in any log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from environs import Env
+
+from errors import ConfigError
+
+VERSION = "1.0.0"
+
+# An agent id becomes part of channel and key names; keep it to what a hostname can hold.
+_AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,199}$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the agent needs to know, checked once at start."""
+
+    agent_id: str
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    redis_ssl: bool = False
+    redis_tls_verify: bool = True
+    redis_tls_ca_cert: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
+    redis_socket_timeout: float = 10.0
+    git_repo_paths: tuple[str, ...] = ("/opt/app/config",)
+    docker_containers: tuple[str, ...] = ("grafana",)
+    heartbeat_interval: int = 30
+    command_timeout: int = 30
+    docker_timeout: int = 60
+    shared_secret: str | None = field(default=None, repr=False)
+    outbox_db: str = "/var/lib/cockpit-agent/outbox.db"
+    outbox_synchronous: str = "NORMAL"
+    worker_count: int = 4
+    queue_max: int = 1000
+    output_limit: int = 64 * 1024
+    max_message_bytes: int = 1024 * 1024
+    response_retry_seconds: int = 300
+    result_ttl: int = 3600
+    shutdown_grace: float = 20.0
+    git_bin: str = "git"
+    docker_bin: str = "docker"
+    log_level: str = "INFO"
+
+    @property
+    def command_channel(self) -> str:
+        """The channel the backend publishes commands on."""
+        return f"cockpit-agent:{self.agent_id}"
+
+    @property
+    def response_channel(self) -> str:
+        """The channel the agent publishes responses on."""
+        return f"cockpit-agent-response:{self.agent_id}"
+
+    @property
+    def registry_key(self) -> str:
+        """The registry hash the backend reads to see the agent online."""
+        return f"agents:{self.agent_id}"
+
+    def result_key(self, command_id: str) -> str:
+        """Where a response is also stored, for a caller that missed it on the channel."""
+        return f"cockpit-agent-result:{self.agent_id}:{command_id}"
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis`` (secrets included: never log them)."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kwargs: dict[str, Any] = {
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": self.redis_socket_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 15,
+            # The agent's own loops back off and reconnect; one immediate retry only
+            # replaces a pooled connection that went stale while Redis restarted.
+            "retry": Retry(NoBackoff(), 1),
+            "client_name": f"cockpit-agent:{self.agent_id}"[:100],
+        }
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            kwargs["url"] = self.redis_url
+            if not parts.password and self.redis_password:
+                kwargs["password"] = self.redis_password
+            if not parts.username and self.redis_username:
+                kwargs["username"] = self.redis_username
+        else:
+            kwargs.update(
+                host=self.redis_host,
+                port=self.redis_port,
+                db=self.redis_db,
+                username=self.redis_username,
+                password=self.redis_password,
+            )
+        if self.redis_ssl:
+            kwargs.update(
+                ssl=True,
+                ssl_cert_reqs="required" if self.redis_tls_verify else "none",
+                ssl_check_hostname=self.redis_tls_verify,
+                ssl_ca_certs=self.redis_tls_ca_cert,
+                ssl_certfile=self.redis_tls_cert,
+                ssl_keyfile=self.redis_tls_key,
+            )
+        return kwargs
+
+    def redis_client(self, **overrides: Any):
+        """A new ``redis.Redis`` client built from this configuration."""
+        import redis
+
+        kwargs = self.redis_kwargs()
+        kwargs.update(overrides)
+        url = kwargs.pop("url", None)
+        if url:
+            return redis.Redis.from_url(url, **kwargs)
+        return redis.Redis(**kwargs)
+
+    def describe(self) -> str:
+        """A one-line summary safe for logs (no secrets)."""
+        where = _redact_url(self.redis_url) if self.redis_url else f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        return (
+            f"agent_id={self.agent_id} redis={where} tls={'on' if self.redis_ssl else 'off'} "
+            f"signing={'on' if self.shared_secret else 'off'} workers={self.worker_count} "
+            f"outbox={self.outbox_db} repos={','.join(self.git_repo_paths)} "
+            f"containers={','.join(self.docker_containers)}"
+        )
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (tests and the CLI use it)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+class _Reader:
+    """Reads variables from the environment with environs, turning failures into one clear line."""
+
+    def __init__(self, env: Env):
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = os.environ.get(name)
+        return value if value not in (None, "") else None
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        return self.env.str(name, default) or default
+
+    def int(self, name: str, default: int, lo: int, hi: int | None = None) -> int:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = self.env.int(name)
+        except Exception:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            raise ConfigError(f"{name}: expected a whole number {bounds}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, lo: float) -> float:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = self.env.float(name)
+        except Exception:
+            raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+        if value < lo:
+            raise ConfigError(f"{name}: expected a number of at least {lo}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false (1/0, yes/no, on/off), got {raw!r}")
+
+    def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if not items:
+            raise ConfigError(f"{name}: expected a comma-separated list with at least one entry, got {raw!r}")
+        return items
+
+    def file(self, name: str) -> str | None:
+        path = self.str(name)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{name}: expected a readable file, but {path!r} does not exist")
+        return path
+
+
+def load(env_file: str | None = None) -> Config:
+    """Build the Config from the environment, reading ``env_file`` (default ``./.env``) first.
+
+    Values already in the environment win over the file. Raises ConfigError on the first
+    bad value.
+    """
+    env = Env(expand_vars=False)
+    path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
+    if os.path.isfile(path):
+        env.read_env(path, recurse=False, override=False)
+    r = _Reader(env)
+
+    agent_id = r.str("AGENT_HOSTNAME") or r.str("AGENT_ID") or socket.gethostname()
+    if not _AGENT_ID_RE.match(agent_id):
+        raise ConfigError(
+            "AGENT_HOSTNAME/AGENT_ID: expected 1-200 characters of letters, digits and ._@:- "
+            f"starting with a letter or digit, got {agent_id!r}"
+        )
+
+    redis_url = r.str("REDIS_URL")
+    url_password = None
+    if redis_url:
+        parts = urlsplit(redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+        try:
+            url_password = parts.password
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ConfigError("REDIS_URL: the port is not a number") from None
+    password = r.str("REDIS_PASSWORD")
+    if not password and not url_password:
+        raise ConfigError(
+            "REDIS_PASSWORD: required (or a REDIS_URL that carries the password); it is not set"
+        )
+
+    log_level = (r.str("LOG_LEVEL") or r.str("LOGLEVEL") or "INFO").upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+
+    repos = tuple(os.path.normpath(p) for p in r.list("GIT_REPO_PATH", ("/opt/app/config",)))
+    for repo in repos:
+        if not os.path.isabs(repo):
+            raise ConfigError(f"GIT_REPO_PATH: expected absolute paths, got {repo!r}")
+    containers = r.list("DOCKER_CONTAINER_NAME", ("grafana",))
+    from handlers.docker import CONTAINER_NAME_RE
+
+    for name in containers:
+        if not CONTAINER_NAME_RE.match(name):
+            raise ConfigError(
+                f"DOCKER_CONTAINER_NAME: {name!r} is not a valid container name "
+                "(letters, digits and _.- starting with a letter or digit)"
+            )
+
+    synchronous = (r.str("OUTBOX_SYNCHRONOUS") or "NORMAL").upper()
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ConfigError(f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
+
+    shared_secret = r.str("COCKPIT_SHARED_SECRET")
+    return Config(
+        agent_id=agent_id,
+        redis_host=r.str("REDIS_HOST", "localhost"),
+        redis_port=r.int("REDIS_PORT", 6379, 1, 65535),
+        redis_db=r.int("REDIS_DB", 0, 0, 65535),
+        redis_username=r.str("REDIS_USERNAME"),
+        redis_password=password,
+        redis_url=redis_url,
+        redis_ssl=r.bool("REDIS_SSL", bool(redis_url and redis_url.startswith("rediss://"))),
+        redis_tls_verify=r.bool("REDIS_TLS_VERIFY", True),
+        redis_tls_ca_cert=r.file("REDIS_TLS_CA_CERT"),
+        redis_tls_cert=r.file("REDIS_TLS_CERT"),
+        redis_tls_key=r.file("REDIS_TLS_KEY"),
+        redis_socket_timeout=r.float("REDIS_SOCKET_TIMEOUT", 10.0, 0.1),
+        git_repo_paths=repos,
+        docker_containers=containers,
+        heartbeat_interval=r.int("HEARTBEAT_INTERVAL", 30, 1, 3600),
+        command_timeout=r.int("COMMAND_TIMEOUT", 30, 1, 86400),
+        docker_timeout=r.int("DOCKER_TIMEOUT", 60, 1, 86400),
+        shared_secret=shared_secret,
+        outbox_db=r.str("OUTBOX_DB", "/var/lib/cockpit-agent/outbox.db"),
+        outbox_synchronous=synchronous,
+        worker_count=r.int("WORKER_COUNT", 4, 1, 64),
+        queue_max=r.int("QUEUE_MAX", 1000, 1),
+        output_limit=r.int("OUTPUT_LIMIT", 64 * 1024, 256),
+        max_message_bytes=r.int("MAX_MESSAGE_BYTES", 1024 * 1024, 1024),
+        response_retry_seconds=r.int("RESPONSE_RETRY_SECONDS", 300, 0),
+        result_ttl=r.int("RESULT_TTL", 3600, 1),
+        shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
+        git_bin=r.str("GIT_BIN", "git"),
+        docker_bin=r.str("DOCKER_BIN", "docker"),
+        log_level=log_level,
+    )
+
+
+def secrets_of(config: Config) -> list[str]:
+    """The secret strings a log filter must never let through."""
+    found = [config.redis_password, config.shared_secret]
+    if config.redis_url:
+        found.append(urlsplit(config.redis_url).password)
+    return [s for s in found if s]
+
+
+class RedactSecrets(logging.Filter):
+    """A last line of defence: replaces any secret that reaches a log record with ``***``."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        cleaned = message
+        for secret in self.secrets:
+            cleaned = cleaned.replace(secret, "***")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True

@@ -1,0 +1,255 @@
+"""What every handler is made of: the registry, parameter checks, and the one way to run a child.
+
+A handler never runs anything itself. Its ``prepare`` checks the parameters and returns an
+Action (argv list, timeout, the target it touches); ``execute`` is the only place a process is
+started. So validation is pure, and "no process for invalid input" is checkable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from errors import NotAllowed, ValidationError
+from protocol import preview
+
+if TYPE_CHECKING:
+    from config import Config
+
+log = logging.getLogger("cockpit_agent.handlers")
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a validated command will do.
+
+    Either ``output`` (answered without running anything) or ``argv`` (run as a child with
+    ``timeout`` seconds). Actions with the same ``target`` run one at a time, in arrival order.
+    """
+
+    target: str | None = None
+    argv: tuple[str, ...] | None = None
+    timeout: float | None = None
+    timeout_setting: str = "COMMAND_TIMEOUT"
+    output: str | None = None
+    # What the response's output is on success when not the child's stdout (docker_restart).
+    success_output: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """How an action ended: the contract's status/output/error, plus the full output kept locally."""
+
+    status: str
+    output: str | None
+    error: str | None
+    full_output: str | None = None
+    exit_code: int | None = None
+
+
+PrepareFn = Callable[[dict[str, Any], "Config"], Action]
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A command the agent understands: its wire name, its parameter check, a line of help."""
+
+    name: str
+    prepare: PrepareFn
+    params: tuple[str, ...]
+    summary: str
+
+
+class Registry:
+    """The explicit map of command names to handlers. Nothing is looked up any other way."""
+
+    def __init__(self, handlers: Iterable[Handler] = ()):
+        self._handlers: dict[str, Handler] = {}
+        for handler in handlers:
+            self.add(handler)
+
+    def add(self, handler: Handler) -> None:
+        """Register a handler; a name registered twice is a programming error."""
+        if handler.name in self._handlers:
+            raise ValueError(f"command {handler.name!r} is registered twice")
+        self._handlers[handler.name] = handler
+
+    def names(self) -> list[str]:
+        """The registered command names, as the registry hash's ``capabilities`` lists them."""
+        return sorted(self._handlers)
+
+    def prepare(self, command: str, params: dict[str, Any], config: Config) -> Action:
+        """Check a command and its parameters; return its Action or raise ValidationError."""
+        handler = self._handlers.get(command) if isinstance(command, str) else None
+        if handler is None:
+            raise ValidationError(
+                f"unknown command {preview(command)}; this agent runs: {', '.join(self.names())}"
+            )
+        if not isinstance(params, dict):
+            raise ValidationError(f"params must be a JSON object, got a {type(params).__name__}")
+        unknown = sorted(k for k in params if k not in handler.params)
+        if unknown:
+            # Ignored rather than refused, so a newer backend that sends more stays compatible.
+            log.warning("%s: ignoring unknown params %s", command, preview(unknown, 200))
+        return handler.prepare(params, config)
+
+
+# -- parameter checks ---------------------------------------------------------------------------
+
+
+def string_param(params: dict[str, Any], name: str, default: str | None, max_len: int = 4096) -> str | None:
+    """The string parameter ``name`` (``default`` when absent or null); other types are refused."""
+    value = params.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a string, got {type(value).__name__} {preview(value)}")
+    if len(value) > max_len:
+        raise ValidationError(f"{name} is {len(value)} characters long; at most {max_len} are allowed")
+    return value
+
+
+def whitelisted(kind: str, value: str, allowed: Iterable[str], setting: str) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``, naming what is allowed."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise NotAllowed(
+            f"{kind} {preview(value)} is not whitelisted; allowed: {', '.join(allowed)} ({setting})"
+        )
+
+
+# -- running children ---------------------------------------------------------------------------
+
+# Only these are passed on to children; the agent's own secrets (REDIS_PASSWORD,
+# COCKPIT_SHARED_SECRET, ...) and anything else in its environment stay behind.
+INHERITED_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+    "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CONTEXT", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
+    "SSH_AUTH_SOCK", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+)
+
+
+def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The minimal environment a command's child process gets."""
+    source = os.environ if environ is None else environ
+    env = {k: source[k] for k in INHERITED_ENV if k in source}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.setdefault("LANG", "C.UTF-8")
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes -o ConnectTimeout=15"
+    return env
+
+
+class Children:
+    """The process groups of running commands, so a forced stop can kill them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, subprocess.Popen] = {}
+        self.interrupted = threading.Event()
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running[proc.pid] = proc
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.pop(proc.pid, None)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def kill_all(self) -> int:
+        """Kill every running command's process group; returns how many there were."""
+        self.interrupted.set()
+        with self._lock:
+            procs = list(self._running.values())
+        for proc in procs:
+            _kill_group(proc)
+        return len(procs)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _decode(data: bytes | None) -> str:
+    return (data or b"").decode("utf-8", errors="replace")
+
+
+def execute(action: Action, children: Children | None = None) -> Result:
+    """Carry out an Action: answer at once, or run its argv as a child in its own process group.
+
+    stdin is closed, the environment is minimal, and on timeout the whole group (git's ssh and
+    helpers included) is killed. Output is decoded without ever failing on bad UTF-8.
+    """
+    if action.argv is None:
+        return Result("success", action.output, None, action.output)
+    try:
+        proc = subprocess.Popen(
+            list(action.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        return Result("error", None, f"could not start {action.argv[0]}: {exc.strerror or exc}")
+    if children is not None:
+        children.add(proc)
+    try:
+        try:
+            stdout, stderr = proc.communicate(timeout=action.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            stdout, stderr = _drain(proc)
+            return Result(
+                "error",
+                _decode(stdout).strip() or None,
+                f"timed out after {action.timeout:g} s ({action.timeout_setting}); the process was killed",
+                _decode(stdout),
+            )
+    finally:
+        if children is not None:
+            children.remove(proc)
+    out, err = _decode(stdout), _decode(stderr)
+    if children is not None and children.interrupted.is_set() and proc.returncode == -signal.SIGKILL:
+        return Result("error", out.strip() or None, "interrupted: the agent was stopped while this command ran", out)
+    if proc.returncode != 0:
+        detail = err.strip() or out.strip() or "no output"
+        return Result(
+            "error", out.strip() or None, f"{os.path.basename(action.argv[0])} exited with status {proc.returncode}: {detail}",
+            out, proc.returncode,
+        )
+    output = action.success_output if action.success_output is not None else out.strip()
+    return Result("success", output, None, out, 0)
+
+
+def _drain(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+    """Collect what a killed child left; a grandchild that escaped its group cannot hold us."""
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+        proc.wait(timeout=5)
+        return b"", b""
+
+
+def monotonic_ms(start: float) -> int:
+    """Milliseconds since ``start`` (a ``time.monotonic()`` reading)."""
+    return int((time.monotonic() - start) * 1000)

@@ -1,0 +1,39 @@
+"""``docker_restart`` of a whitelisted container (DOCKER_CONTAINER_NAME)."""
+
+from __future__ import annotations
+
+import re
+
+from errors import ValidationError
+from handlers.base import Action, Handler, string_param, whitelisted
+from protocol import preview
+
+# Docker's own rule for container names.
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
+
+def prepare_restart(params, config) -> Action:
+    """``docker restart -- <name>``; the output on success is the container name."""
+    allowed = config.docker_containers
+    name = string_param(params, "container_name", None, max_len=128)
+    if name is None:
+        name = allowed[0]
+    if not CONTAINER_NAME_RE.match(name):
+        raise ValidationError(
+            f"container_name {preview(name)} is not a valid container name; "
+            f"allowed: {', '.join(allowed)} (DOCKER_CONTAINER_NAME)"
+        )
+    whitelisted("container_name", name, allowed, "DOCKER_CONTAINER_NAME")
+    return Action(
+        target=f"docker:{name}",
+        argv=(config.docker_bin, "restart", "--", name),
+        timeout=config.docker_timeout,
+        timeout_setting="DOCKER_TIMEOUT",
+        success_output=name,
+    )
+
+
+DOCKER_RESTART = Handler(
+    "docker_restart", prepare_restart, ("container_name",),
+    "restart a whitelisted container (params: container_name)",
+)

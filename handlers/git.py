@@ -1,0 +1,79 @@
+"""``git_pull`` and ``git_status`` on whitelisted repositories (GIT_REPO_PATH)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from errors import NotAllowed, ValidationError
+from handlers.base import Action, Handler, string_param
+from protocol import preview
+
+# A stricter subset of git-check-ref-format: no leading '-', no '..', no '@{', no '//',
+# nothing but letters, digits and ._/-, no component starting with '.', no trailing '.lock'.
+_BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock$)(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$")
+DEFAULT_BRANCH = "main"
+
+
+def check_branch(value: str) -> str:
+    """A branch name that git reads as a ref and never as an option; raises ValidationError."""
+    if not _BRANCH_RE.match(value) or "@{" in value:
+        raise ValidationError(
+            f"branch {preview(value)} is not an allowed branch name: use letters, digits and ._/-, "
+            "not starting with '-' or '.', without '..' or '//', at most 200 characters"
+        )
+    return value
+
+
+def resolve_repository(value: str | None, config) -> str:
+    """The whitelisted repository ``value`` names, after resolving symlinks and ``..``.
+
+    Returns the resolved whitelisted path, so a symlink swapped after this check cannot
+    redirect the command.
+    """
+    allowed = list(config.git_repo_paths)
+    if value is None:
+        value = allowed[0]
+    if "\x00" in value or not os.path.isabs(value):
+        raise NotAllowed(
+            f"repository_path {preview(value)} must be an absolute path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+        )
+    real = os.path.realpath(value)
+    for repo in allowed:
+        if real == os.path.realpath(repo):
+            return real
+    raise NotAllowed(
+        f"repository_path {preview(value)} is not whitelisted; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+    )
+
+
+def prepare_pull(params, config) -> Action:
+    """``git -C <repo> pull --ff-only -- origin <branch>``."""
+    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    branch = string_param(params, "branch", DEFAULT_BRANCH, max_len=200) or DEFAULT_BRANCH
+    check_branch(branch)
+    return Action(
+        target=f"git:{repo}",
+        argv=(config.git_bin, "-C", repo, "pull", "--ff-only", "--", "origin", branch),
+        timeout=config.command_timeout,
+    )
+
+
+def prepare_status(params, config) -> Action:
+    """``git -C <repo> status``."""
+    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    return Action(
+        target=f"git:{repo}",
+        argv=(config.git_bin, "-C", repo, "status"),
+        timeout=config.command_timeout,
+    )
+
+
+GIT_PULL = Handler(
+    "git_pull", prepare_pull, ("repository_path", "branch"),
+    "fast-forward a whitelisted repository from origin (params: repository_path, branch)",
+)
+GIT_STATUS = Handler(
+    "git_status", prepare_status, ("repository_path",),
+    "show git status of a whitelisted repository (params: repository_path)",
+)

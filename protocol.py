@@ -1,0 +1,181 @@
+"""The wire format shared with the Cockpit backend: parsing commands, signing, building responses.
+
+Pure functions with no I/O, so every rule of PROTOCOL.md can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+SIGNATURE_MAX_AGE = 300  # seconds either side of now, as the backend expects
+COMMAND_ID_MAX = 128
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command message that passed the envelope checks (not yet the handler's own checks)."""
+
+    command_id: str
+    command: str
+    params: dict[str, Any]
+    sender: str | None = None
+    timestamp: float | None = None
+    size: int = 0
+    signed: bool = False
+
+
+class Rejected(Exception):
+    """A message that will not run.
+
+    ``command_id`` is set when the message can still be answered; ``stored`` says whether the
+    refusal may be recorded under that id (never for unauthenticated messages, which must not
+    be able to claim a real command's id).
+    """
+
+    def __init__(self, reason: str, command_id: str | None = None, stored: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.command_id = command_id
+        self.stored = stored
+
+
+def preview(value: Any, limit: int = 80) -> str:
+    """A short, single-line, escaped rendering of untrusted input for logs and errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def signature_base(message: dict[str, Any]) -> str:
+    """The exact text the backend signs: the message without ``auth``, key-sorted, then the timestamp."""
+    unsigned = {k: v for k, v in message.items() if k != "auth"}
+    return json.dumps(unsigned, sort_keys=True) + ":" + str(message.get("timestamp"))
+
+
+def sign(message: dict[str, Any], secret: str) -> str:
+    """The hex HMAC-SHA256 signature the backend puts in ``auth.signature``."""
+    return hmac.new(secret.encode(), signature_base(message).encode(), hashlib.sha256).hexdigest()
+
+
+def _usable_command_id(value: Any) -> str | None:
+    if not isinstance(value, str) or not 1 <= len(value) <= COMMAND_ID_MAX:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return None
+    return value
+
+
+def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
+    auth = message.get("auth")
+    signature = auth.get("signature") if isinstance(auth, dict) else None
+    if not isinstance(signature, str) or not signature:
+        raise Rejected("not authenticated: the message carries no auth.signature and signing is on")
+    timestamp = message.get("timestamp")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
+        raise Rejected("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
+    expected = sign(message, secret)
+    if not hmac.compare_digest(expected, signature.lower()):
+        raise Rejected("not authenticated: auth.signature does not match the message")
+    age = now - timestamp
+    if abs(age) > SIGNATURE_MAX_AGE:
+        raise Rejected(
+            f"not authenticated: the message timestamp is {abs(age):.0f} s "
+            f"{'old' if age > 0 else 'in the future'}; at most {SIGNATURE_MAX_AGE} s is accepted"
+        )
+
+
+def parse(
+    data: bytes | str,
+    *,
+    max_bytes: int = 1024 * 1024,
+    secret: str | None = None,
+    now: float | None = None,
+) -> Command:
+    """Check a raw message and return the Command, or raise Rejected saying why.
+
+    Order matters: a message is only answerable once its ``command_id`` is known, and only
+    trusted once its signature is checked, so the type checks on ``command`` and ``params``
+    come last.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    size = len(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise Rejected(f"message is not JSON ({preview(str(exc), 120)})") from None
+    if not isinstance(message, dict):
+        raise Rejected(f"message is a JSON {type(message).__name__}, expected an object")
+    command_id = _usable_command_id(message.get("command_id"))
+    if command_id is None:
+        raise Rejected(
+            f"command_id must be a string of 1 to {COMMAND_ID_MAX} printable characters, "
+            f"got {preview(message.get('command_id'))}"
+        )
+    now = time.time() if now is None else now
+    if secret:
+        try:
+            _check_signature(message, secret, now)
+        except Rejected as exc:
+            exc.command_id, exc.stored = command_id, False
+            raise
+    if size > max_bytes:
+        raise Rejected(
+            f"message is {size} bytes, over the limit of {max_bytes} bytes (MAX_MESSAGE_BYTES)",
+            command_id,
+        )
+    command = message.get("command")
+    if not isinstance(command, str) or not command:
+        raise Rejected(f"command must be a non-empty string, got {preview(command)}", command_id)
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise Rejected(f"params must be a JSON object, got a {type(params).__name__}", command_id)
+    sender = message.get("sender")
+    timestamp = message.get("timestamp")
+    return Command(
+        command_id=command_id,
+        command=command,
+        params=params,
+        sender=sender if isinstance(sender, str) else None,
+        timestamp=timestamp if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None,
+        size=size,
+        signed=bool(secret),
+    )
+
+
+def response(
+    command_id: str,
+    status: str,
+    output: str | None,
+    error: str | None,
+    execution_time_ms: int,
+    agent_id: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One response as the backend reads it: the six contract fields, then any extras."""
+    message = {
+        "command_id": command_id,
+        "status": status,
+        "output": output,
+        "error": error,
+        "execution_time_ms": int(execution_time_ms),
+        "timestamp": int(time.time()),
+        "agent_id": agent_id,
+    }
+    message.update(extra)
+    return message
+
+
+def encode(message: dict[str, Any]) -> str:
+    """JSON text for the wire; ASCII-only, so any input (even lone surrogates) encodes."""
+    return json.dumps(message, separators=(",", ":"))
