@@ -1,0 +1,396 @@
+"""Fixtures with real parts: redis-server processes on free ports, git origins and clones,
+and the agent itself (in-process threads or ``python agent.py`` as a child).
+
+The one fake is ``docker``: no Docker engine runs here, so a stand-in script on PATH records
+its arguments and answers the way ``docker restart`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import protocol  # noqa: E402
+
+PASSWORD = "test-password-3f9a"
+SECRET = "test-shared-secret-7c1e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server the test can stop, kill, restart, pause (SIGSTOP) and resume."""
+
+    def __init__(self, workdir: Path, password: str = PASSWORD, extra: list[str] | None = None):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.password = password
+        self.port = free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        return argv + self.extra
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 10, message=f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return self.client(socket_timeout=0.5).ping()
+        except redis.RedisError:
+            return False
+
+    def client(self, **kwargs) -> redis.Redis:
+        kwargs.setdefault("socket_timeout", 5)
+        return redis.Redis(port=self.port, password=self.password, **kwargs)
+
+    def kill(self) -> None:
+        """SIGKILL: the server and everything it held in memory are gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    if server.proc and server.proc.poll() is None:
+        server.resume()
+    server.kill()
+
+
+class GitRepos:
+    """An origin repository and a clone of it (the clone is what the agent pulls)."""
+
+    def __init__(self, base: Path):
+        self.origin = base / "origin"
+        self.clone = base / "clone"
+        self.git("init", "-q", "-b", "main", str(self.origin), cwd=base)
+        self.commit("initial")
+        self.git("clone", "-q", str(self.origin), str(self.clone), cwd=base)
+
+    @staticmethod
+    def git(*args: str, cwd: Path) -> str:
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+        return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+    def commit(self, name: str) -> None:
+        """Add a file to origin and commit it."""
+        (self.origin / name).write_text(name + "\n")
+        self.git("add", name, cwd=self.origin)
+        self.git("commit", "-q", "-m", f"add {name}", cwd=self.origin)
+
+    def count_pulls_hook(self) -> Path:
+        """Install a post-merge hook in the clone that counts merges (each real pull that moved)."""
+        counter = self.clone.parent / "pulls.log"
+        hook = self.clone / ".git" / "hooks" / "post-merge"
+        hook.write_text(f"#!/bin/sh\necho pulled >> {counter}\n")
+        hook.chmod(0o755)
+        return counter
+
+
+@pytest.fixture
+def git_repos(tmp_path):
+    base = tmp_path / "git"
+    base.mkdir()
+    return GitRepos(base)
+
+
+class FakeDocker:
+    """A stand-in for the docker CLI (no Docker engine runs here): records argv as JSON lines.
+
+    ``behave("ok")`` prints the container name like ``docker restart``; ``behave("fail")``
+    exits 1 with Docker's daemon error; ``behave("sleep 30")`` hangs, for timeouts.
+    """
+
+    def __init__(self, base: Path):
+        self.dir = base
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.calls_file = self.dir / "calls.jsonl"
+        self.mode_file = self.dir / "mode"
+        self.path = self.dir / "docker"
+        self.behave("ok")
+        self.path.write_text(f"""#!{sys.executable}
+import json, sys, time
+with open({str(self.calls_file)!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+mode = open({str(self.mode_file)!r}).read().split()
+if mode[0] == "fail":
+    sys.stderr.write("Error response from daemon: No such container: " + sys.argv[-1] + "\\n")
+    sys.exit(1)
+if mode[0] == "sleep":
+    time.sleep(float(mode[1]))
+print(sys.argv[-1])
+""")
+        self.path.chmod(0o755)
+
+    def behave(self, mode: str) -> None:
+        self.mode_file.write_text(mode)
+
+    def calls(self) -> list[list[str]]:
+        if not self.calls_file.exists():
+            return []
+        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+
+
+@pytest.fixture
+def fake_docker(tmp_path):
+    return FakeDocker(tmp_path / "fake-docker")
+
+
+@pytest.fixture
+def agent_env(tmp_path, redis_server, git_repos, fake_docker):
+    """The environment for an agent pointed at the private Redis, repo and docker stand-in."""
+    agent_id = f"test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(redis_server.port),
+        "REDIS_PASSWORD": PASSWORD,
+        "AGENT_ID": agent_id,
+        "GIT_REPO_PATH": str(git_repos.clone),
+        "DOCKER_CONTAINER_NAME": "grafana,web-1",
+        "DOCKER_BIN": str(fake_docker.path),
+        "OUTBOX_DB": str(tmp_path / "state" / "outbox.db"),
+        "HEARTBEAT_INTERVAL": "2",
+        "REDIS_SOCKET_TIMEOUT": "2",
+        "SHUTDOWN_GRACE": "5",
+        "LOG_LEVEL": "INFO",
+        "COCKPIT_AGENT_ENV_FILE": str(tmp_path / "no.env"),
+    }
+    return env
+
+
+class Backend:
+    """Plays the Cockpit backend: subscribes to the responses, then publishes commands.
+
+    The subscriber thread reconnects on its own, so it keeps collecting across Redis restarts.
+    """
+
+    def __init__(self, server: RedisServer, agent_id: str, secret: str | None = None):
+        self.server, self.agent_id, self.secret = server, agent_id, secret
+        self.responses: list[dict] = []
+        self.raw: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+        assert self.subscribed.wait(10), "backend could not subscribe"
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client = self.server.client(socket_timeout=2)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(f"cockpit-agent-response:{self.agent_id}")
+                while not pubsub.subscribed:
+                    pubsub.get_message(timeout=0.1)
+                self.subscribed.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message and message["type"] == "message":
+                        with self._lock:
+                            self.raw.append(message["data"])
+                            self.responses.append(json.loads(message["data"]))
+            except (redis.RedisError, OSError):
+                self.subscribed.clear()
+                self._stop.wait(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def message(self, command: str, params: dict | None = None, command_id: str | None = None, **fields) -> dict:
+        message = {"command_id": command_id or str(uuid.uuid4()), "command": command, "params": params or {},
+                   "timestamp": int(time.time()), "sender": "cockpit-backend", **fields}
+        if self.secret:
+            message["auth"] = {"signature": protocol.sign(message, self.secret)}
+        return message
+
+    def publish(self, payload) -> int:
+        data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        return self.server.client().publish(f"cockpit-agent:{self.agent_id}", data)
+
+    def send(self, command: str, params: dict | None = None, **fields) -> str:
+        message = self.message(command, params, **fields)
+        self.publish(message)
+        return message["command_id"]
+
+    def responses_for(self, command_id: str) -> list[dict]:
+        with self._lock:
+            return [r for r in self.responses if r.get("command_id") == command_id]
+
+    def wait(self, command_id: str, timeout: float = 15.0) -> dict:
+        return wait_for(lambda: (self.responses_for(command_id) or [None])[0], timeout,
+                        message=f"a response to {command_id}")
+
+    def call(self, command: str, params: dict | None = None, timeout: float = 15.0, **fields) -> dict:
+        return self.wait(self.send(command, params, **fields), timeout)
+
+
+@pytest.fixture
+def make_backend(redis_server):
+    made = []
+
+    def make(agent_id: str, secret: str | None = None, server: RedisServer | None = None) -> Backend:
+        backend = Backend(server or redis_server, agent_id, secret)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+class AgentProcess:
+    """``python agent.py`` as a child process, logging to a file."""
+
+    def __init__(self, env: dict, workdir: Path, args: tuple[str, ...] = ()):
+        self.env, self.workdir, self.args = env, workdir, args
+        self.log_path = workdir / f"agent-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        self.log_path = self.workdir / f"agent-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "agent.py"), *self.args], env=self.env,
+                                     cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_subscribed(self, server: RedisServer, timeout: float = 15.0) -> None:
+        channel = f"cockpit-agent:{self.env['AGENT_ID']}"
+
+        def subscribed():
+            assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+            try:
+                return server.client().pubsub_numsub(channel)[0][1] >= 1
+            except redis.RedisError:
+                return False
+
+        wait_for(subscribed, timeout, message="the agent to subscribe")
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def agent_process(tmp_path, agent_env):
+    started: list[AgentProcess] = []
+
+    def make(env: dict | None = None, args: tuple[str, ...] = ()) -> AgentProcess:
+        agent = AgentProcess(env or agent_env, tmp_path, args)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.close()
+
+
+@pytest.fixture
+def config_from(monkeypatch):
+    """Build a Config from exactly ``env`` (the test's environment is cleared of agent variables)."""
+    import config as config_module
+
+    def build(env: dict):
+        for name in list(os.environ):
+            if name.startswith(("REDIS_", "AGENT_", "COCKPIT_", "GIT_", "DOCKER_", "OUTBOX_", "LOG")):
+                monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return config_module.load(env.get("COCKPIT_AGENT_ENV_FILE", "/nonexistent/.env"))
+
+    return build
+
+
+@pytest.fixture
+def running_agent(agent_env, config_from):
+    """An Agent running in this process (threads only; no signal handlers), stopped after the test."""
+    from agent import Agent
+
+    agents = []
+
+    def start(**overrides):
+        env = {**agent_env, **{k: str(v) for k, v in overrides.items()}}
+        agent = Agent(config_from(env))
+        agent.start()
+        agents.append(agent)
+        wait_for(agent.redis_connected.is_set, 15, message="the agent to subscribe")
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop_requested.set()
+        agent.shutdown()
+
