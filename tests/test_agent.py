@@ -1,0 +1,165 @@
+"""The agent end to end over a real redis-server: every command's success and refusal paths,
+ordering per target, duplicates, and malformed input that must never stop it."""
+
+import json
+import logging
+import subprocess
+
+import pytest
+
+from conftest import PASSWORD, wait_for
+
+
+@pytest.fixture
+def agent(running_agent):
+    return running_agent()
+
+
+@pytest.fixture
+def backend(agent, make_backend):
+    return make_backend(agent.config.agent_id)
+
+
+def test_echo_default_and_message(backend):
+    assert backend.call("echo")["output"] == "pong"
+    response = backend.call("echo", {"message": "hello"})
+    assert set(response) >= {"command_id", "status", "output", "error", "execution_time_ms", "timestamp"}
+    assert (response["status"], response["output"], response["error"]) == ("success", "hello", None)
+
+
+def test_git_pull_fast_forwards_and_reports_gits_output(backend, git_repos):
+    assert backend.call("git_pull")["output"] == "Already up to date."
+    git_repos.commit("new-file")
+    response = backend.call("git_pull", {"repository_path": str(git_repos.clone), "branch": "main"})
+    assert response["status"] == "success", response
+    assert "new-file" in response["output"]
+    assert (git_repos.clone / "new-file").exists()
+
+
+def test_git_pull_of_a_missing_branch_is_an_error(backend):
+    response = backend.call("git_pull", {"branch": "no-such-branch"})
+    assert response["status"] == "error"
+    assert response["error"].startswith("git exited with status 1:")
+    assert "no-such-branch" in response["error"]
+
+
+def test_git_status(backend):
+    response = backend.call("git_status")
+    assert response["status"] == "success" and "On branch main" in response["output"]
+
+
+def test_docker_restart_through_the_stand_in(backend, fake_docker):
+    response = backend.call("docker_restart", {"container_name": "web-1"})
+    assert (response["status"], response["output"]) == ("success", "web-1")
+    assert backend.call("docker_restart")["output"] == "grafana"
+    assert fake_docker.calls() == [["restart", "--", "web-1"], ["restart", "--", "grafana"]]
+
+
+@pytest.mark.parametrize("command, params, error", [
+    ("reboot", {}, "unknown command 'reboot'; this agent runs: docker_restart, echo, git_pull, git_status"),
+    ("git_pull", {"repository_path": "/etc"}, "repository_path '/etc' is not whitelisted; allowed:"),
+    ("git_pull", {"branch": "--upload-pack=touch /tmp/x"}, "branch '--upload-pack=touch /tmp/x' is not an allowed"),
+    ("git_pull", {"branch": 7}, "branch must be a string, got int 7"),
+    ("docker_restart", {"container_name": "--privileged"}, "container_name '--privileged' is not a valid"),
+    ("docker_restart", {"container_name": "postgres"}, "container_name 'postgres' is not whitelisted; allowed: grafana, web-1"),
+])
+def test_refusals_say_what_was_wrong_and_run_nothing(backend, fake_docker, git_repos, command, params, error):
+    counter = git_repos.count_pulls_hook()
+    response = backend.call(command, params)
+    assert response["status"] == "error" and response["output"] is None
+    assert response["error"].startswith(error)
+    assert fake_docker.calls() == [] and not counter.exists()
+
+
+def test_docker_error_and_timeout(running_agent, make_backend, fake_docker):
+    agent = running_agent(DOCKER_TIMEOUT=1)
+    backend = make_backend(agent.config.agent_id)
+    fake_docker.behave("fail")
+    response = backend.call("docker_restart")
+    assert response["error"] == "docker exited with status 1: Error response from daemon: No such container: grafana"
+    fake_docker.behave("sleep 30")
+    response = backend.call("docker_restart", timeout=20)
+    assert response["error"] == "timed out after 1 s (DOCKER_TIMEOUT); the process was killed"
+    fake_docker.behave("ok")
+    assert backend.call("docker_restart")["status"] == "success"  # the worker is free again
+
+
+def test_same_target_runs_one_at_a_time_in_arrival_order(running_agent, make_backend, fake_docker):
+    agent = running_agent(WORKER_COUNT=4)
+    backend = make_backend(agent.config.agent_id)
+    fake_docker.behave("sleep 0.2")
+    ids = [backend.send("docker_restart", {"container_name": "grafana"}) for _ in range(4)]
+    for command_id in ids:
+        backend.wait(command_id, 30)
+    store = agent.open_store()
+    rows = [store.get(i) for i in ids]
+    for earlier, later in zip(rows, rows[1:]):
+        assert earlier["finished_at"] <= later["started_at"], "two restarts of one container overlapped"
+    assert [r["command_id"] for r in backend.responses] == ids
+
+
+def test_a_repeated_command_id_is_answered_again_not_run_again(backend, fake_docker):
+    message = backend.message("docker_restart", command_id="once-only")
+    backend.publish(message)
+    first = backend.wait("once-only")
+    backend.publish(message)
+    wait_for(lambda: len(backend.responses_for("once-only")) == 2, message="the second answer")
+    assert backend.responses_for("once-only")[1] == first
+    assert len(fake_docker.calls()) == 1
+
+
+def test_responses_are_also_stored_at_the_result_key(agent, backend, redis_server):
+    command_id = backend.send("echo", {"message": "kept"})
+    backend.wait(command_id)
+    client = redis_server.client()
+    key = f"cockpit-agent-result:{agent.config.agent_id}:{command_id}"
+    assert json.loads(client.get(key))["output"] == "kept"
+    assert 3500 < client.ttl(key) <= 3600
+
+
+def test_malformed_messages_are_logged_or_answered_and_never_fatal(agent, backend, caplog, fake_docker):
+    caplog.set_level(logging.WARNING, logger="cockpit_agent")
+    for payload in (b"not json", b"\xff\xfe", b"[1,2,3]", b'"just a string"', b"{}", b'{"command":"echo"}',
+                    b'{"command_id": 12, "command": "echo"}', b"{" * 100000):
+        backend.publish(payload)
+    wait_for(lambda: sum("cannot be answered" in r.getMessage() for r in caplog.records) == 8,
+             message="eight dropped-message log lines")
+    answered = {
+        "wrong-params": backend.message("echo", command_id="wrong-params", params=None) | {"params": [1]},
+        "wrong-command": {"command_id": "wrong-command", "command": {"x": 1}},
+        "huge": backend.message("echo", {"message": "x" * (2 * 1024 * 1024)}, command_id="huge"),
+    }
+    for message in answered.values():
+        backend.publish(message)
+    assert backend.wait("wrong-params")["error"] == "params must be a JSON object, got a list"
+    assert backend.wait("wrong-command")["error"].startswith("command must be a non-empty string")
+    huge = backend.wait("huge")
+    assert huge["status"] == "error" and "over the limit of 1048576 bytes (MAX_MESSAGE_BYTES)" in huge["error"]
+    assert backend.call("echo", {"message": "still here"})["output"] == "still here"
+    assert all(t.is_alive() for t in agent.threads())
+
+
+def test_seed_redis_cli_session_verbatim(running_agent, redis_server):
+    """The seed README's manual test, with redis-cli, as an operator would type it."""
+    agent = running_agent(AGENT_HOSTNAME="app-prod-01")
+    cli = ["redis-cli", "-p", str(redis_server.port), "-a", PASSWORD, "--no-auth-warning"]
+    registry = subprocess.run([*cli, "HGETALL", "agents:app-prod-01"], capture_output=True, text=True).stdout.split()
+    fields = dict(zip(registry[::2], registry[1::2]))
+    assert fields["status"] == "online" and fields["hostname"] and fields["capabilities"]
+    subscriber = subprocess.Popen([*cli, "SUBSCRIBE", "cockpit-agent-response:app-prod-01"],
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        assert subscriber.stdout.readline().strip() == "subscribe"
+        subscriber.stdout.readline(), subscriber.stdout.readline()
+        published = subprocess.run(
+            [*cli, "PUBLISH", "cockpit-agent:app-prod-01",
+             '{"command_id":"test-123","command":"echo","params":{"message":"hello"}}'],
+            capture_output=True, text=True).stdout
+        assert published.strip() == "1"
+        assert [subscriber.stdout.readline().strip() for _ in range(2)] == ["message", "cockpit-agent-response:app-prod-01"]
+        response = json.loads(subscriber.stdout.readline())
+    finally:
+        subscriber.kill()
+        subscriber.wait()
+    assert (response["command_id"], response["status"], response["output"]) == ("test-123", "success", "hello")
+    assert agent.config.agent_id == "app-prod-01"

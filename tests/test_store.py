@@ -1,0 +1,101 @@
+"""The SQLite store as an operator sees it: plain tables, readable with the sqlite3 shell."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+
+from outbox import Message, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "state" / "outbox.db"))
+    yield s
+    s.close()
+
+
+def message(command_id: str, key: bool = True) -> Message:
+    return Message("cockpit-agent-response:a", json.dumps({"command_id": command_id}), command_id,
+                   f"cockpit-agent-result:a:{command_id}" if key else None)
+
+
+def test_schema_is_wal_and_readable_by_the_sqlite3_shell(store):
+    store.accept("c1", "echo", {"message": "hi"}, "cockpit-backend")
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert shutil.which("sqlite3"), "the sqlite3 shell is part of what operators use"
+    out = subprocess.run(["sqlite3", store.path, "SELECT command_id, command, params, state FROM commands"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == 'c1|echo|{"message":"hi"}|queued'
+    schema = subprocess.run(["sqlite3", store.path, ".schema"], capture_output=True, text=True, check=True).stdout
+    assert "CREATE TABLE commands" in schema and "CREATE TABLE outbox" in schema
+
+
+def test_accept_once_per_command_id(store):
+    assert store.accept("c1", "echo", {}).new
+    again = store.accept("c1", "git_pull", {"branch": "x"})
+    assert not again.new and again.row["command"] == "echo"
+    assert store.counts()["queued"] == 1
+
+
+def test_states_are_checked_words(store):
+    store.accept("c1", "echo", {})
+    with pytest.raises(sqlite3.IntegrityError):
+        store.db.execute("UPDATE commands SET state = 'lost' WHERE command_id = 'c1'")
+
+
+def test_claim_runs_a_command_at_most_once(store):
+    store.accept("c1", "echo", {})
+    assert store.claim("c1")
+    assert not store.claim("c1")
+    store.finish("c1", "success", "hi", None, 3, message("c1"))
+    assert not store.claim("c1")
+    row = store.get("c1")
+    assert (row["state"], row["status"], row["output"], row["execution_time_ms"]) == ("done", "success", "hi", 3)
+    assert json.loads(row["response"]) == {"command_id": "c1"}
+
+
+def test_finish_and_outbox_row_are_one_transaction(store):
+    store.accept("c1", "echo", {})
+    store.claim("c1")
+    bad = Message(None, "x", "c1", None)  # channel is NOT NULL: the outbox insert fails
+    with pytest.raises(sqlite3.IntegrityError):
+        store.finish("c1", "success", "hi", None, 1, bad)
+    assert store.get("c1")["state"] == "running"
+    assert store.counts()["outbox"] == 0
+
+
+def test_refusal_is_recorded_done_with_its_answer(store):
+    response = {"status": "error", "error": "nope", "execution_time_ms": 0}
+    store.accept("c1", "rm", {}, None, (response, message("c1")))
+    row = store.get("c1")
+    assert (row["state"], row["status"], row["error"]) == ("done", "error", "nope")
+    assert [r["command_id"] for r in store.due(10)] == ["c1"]
+
+
+def test_outbox_order_retry_and_delivery(store):
+    ids = [store.enqueue(message(f"c{i}")) for i in range(3)]
+    assert [r["id"] for r in store.due(10)] == ids
+    store.unheard([(ids[0], 10**12)], now=100.0)
+    assert [r["id"] for r in store.due(10)] == ids[1:]
+    row = store.db.execute("SELECT attempts, unheard_since, last_error FROM outbox WHERE id = ?", [ids[0]]).fetchone()
+    assert row == (1, 100.0, "no receiver")
+    store.delivered(ids[1:])
+    assert store.counts()["outbox"] == 1
+    assert store.retry_all_now() == 1
+    assert [r["id"] for r in store.due(10)] == ids[:1]
+
+
+def test_pending_after_a_crash(tmp_path):
+    path = str(tmp_path / "o.db")
+    first = Store(path)
+    for cid in ("a", "b", "c"):
+        first.accept(cid, "echo", {})
+    first.claim("b")
+    first.db.conn.close()  # as if killed: nothing else written
+    second = Store(path)
+    running, queued = second.pending()
+    assert [r["command_id"] for r in running] == ["b"]
+    assert [r["command_id"] for r in queued] == ["a", "c"]
