@@ -179,9 +179,10 @@ class Intake:
         if existing is not None:
             self._duplicate(existing)
             return
-        if self.agent.queue.qsize() >= self.config.queue_max:
-            self.log.warning("%s: refused, %d commands already queued", cmd.command_id, self.agent.queue.qsize())
-            self._answer(cmd.command_id, f"busy: {self.agent.queue.qsize()} commands are already waiting "
+        waiting = self.agent.pool.pending()
+        if waiting >= self.config.queue_max:
+            self.log.warning("%s: refused, %d commands already waiting", cmd.command_id, waiting)
+            self._answer(cmd.command_id, f"busy: {waiting} commands are already waiting "
                          f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
             return
         try:
@@ -193,7 +194,7 @@ class Intake:
         else:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
-                self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender))
+                self.agent.pool.submit(Job(cmd.command_id, cmd.command, action, cmd.sender))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if accepted.new:
             self.agent.outbox_wake.set()
@@ -322,52 +323,58 @@ class Listener(Loop):
 
 
 class WorkerPool:
-    """Hands queued Jobs to workers; Jobs with the same target run one at a time, in order.
+    """Hands Jobs to workers; Jobs with the same target run one at a time, in arrival order.
 
-    Taking a job and claiming its target happen under one lock, so two workers cannot
-    reorder commands for the same repository or container.
+    ``submit`` is called in arrival order. A Job whose target already has one in flight waits
+    in that target's lane, so at most one Job per target is ever on the queue or running; the
+    worker that finishes it moves the next one from the lane to the queue.
     """
 
     def __init__(self, agent: Agent):
         self.agent = agent
-        self._take_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._lanes: dict[str, deque[Job]] = {}
         self.workers = [Worker(f"worker-{i + 1}", agent, self) for i in range(agent.config.worker_count)]
         self.draining = threading.Event()
 
-    def take(self, timeout: float) -> Job | None:
-        """The next Job whose target is free; a Job for a busy target waits in that target's lane."""
-        deadline = time.monotonic() + timeout
-        with self._take_lock:
-            while not self.draining.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                try:
-                    job = self.agent.queue.get(timeout=min(remaining, 0.5))
-                except queue.Empty:
-                    continue
-                target = job.action.target
-                if target is None:
-                    return job
+    def submit(self, job: Job) -> None:
+        """Queue a Job now, or behind the Job already in flight for its target."""
+        target = job.action.target
+        if target is not None:
+            with self._lock:
                 if target in self._lanes:
                     self._lanes[target].append(job)
-                    continue
+                    return
                 self._lanes[target] = deque()
-                return job
-        return None
+        self.agent.queue.put(job)
 
-    def done(self, job: Job) -> Job | None:
-        """Release ``job``'s target; returns the next Job waiting for it, for the same worker."""
+    def pending(self) -> int:
+        """Jobs accepted but not yet started (on the queue or waiting in a lane)."""
+        with self._lock:
+            waiting = sum(len(lane) for lane in self._lanes.values())
+        return self.agent.queue.qsize() + waiting
+
+    def take(self, timeout: float) -> Job | None:
+        """The next Job to run, or None after ``timeout`` s or once draining."""
+        if self.draining.is_set():
+            return None
+        try:
+            return self.agent.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def done(self, job: Job) -> None:
+        """Release ``job``'s target: the next Job waiting for it goes on the queue."""
         target = job.action.target
         if target is None:
-            return None
-        with self._take_lock:
+            return
+        with self._lock:
             lane = self._lanes[target]
-            if lane and not self.draining.is_set():
-                return lane.popleft()
-            del self._lanes[target]
-            return None
+            if not lane:
+                del self._lanes[target]
+                return
+            following = lane.popleft()
+        self.agent.queue.put(following)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -389,14 +396,15 @@ class Worker(Loop):
         self.store.close()
 
     def loop_once(self) -> None:
-        job = self.pool.take(timeout=1.0)
-        while job is not None:
-            self.current = job
-            try:
-                self.run_job(job)
-            finally:
-                self.current = None
-            job = self.pool.done(job)
+        job = self.pool.take(timeout=0.5)
+        if job is None:
+            return
+        self.current = job
+        try:
+            self.run_job(job)
+        finally:
+            self.current = None
+            self.pool.done(job)
 
     def run_job(self, job: Job) -> None:
         """Run one Job exactly once and leave its response in the outbox."""
@@ -592,7 +600,7 @@ class Agent:
                     response, message = self.error_answer(row["command_id"], str(exc))
                     store.finish(row["command_id"], "error", None, str(exc), 0, message)
                     continue
-                self.queue.put(Job(row["command_id"], row["command"], action, row["sender"]))
+                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"]))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
             ).fetchone()[0]

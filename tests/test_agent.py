@@ -163,3 +163,24 @@ def test_seed_redis_cli_session_verbatim(running_agent, redis_server):
         subscriber.wait()
     assert (response["command_id"], response["status"], response["output"]) == ("test-123", "success", "hello")
     assert agent.config.agent_id == "app-prod-01"
+
+
+def test_worker_pool_lanes_hand_over_without_waiting(agent_env, config_from):
+    """One Job per target in flight; finishing it puts the next one on the queue at once."""
+    from agent import Agent, Job
+    from handlers import Action
+
+    agent = Agent(config_from(agent_env))  # not started: the pool is driven by hand
+    pool = agent.pool
+    jobs = [Job(f"c{i}", "x", Action(target="git:/r" if i != 2 else None, output="")) for i in range(4)]
+    for job in jobs:
+        pool.submit(job)
+    assert pool.pending() == 4
+    assert pool.take(0) is jobs[0] and pool.take(0) is jobs[2]
+    assert pool.take(0) is None  # c1 and c3 wait behind c0
+    pool.done(jobs[0])
+    assert pool.take(0) is jobs[1]
+    pool.done(jobs[1])
+    assert pool.take(0) is jobs[3]
+    pool.done(jobs[3])
+    assert pool.pending() == 0 and pool._lanes == {}
