@@ -13,13 +13,17 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# The tests and the demo start their own redis-server processes; install it when missing.
+# The tests and the demo start their own redis-server processes and read the state with the
+# sqlite3 shell, as operators do; install what is missing (Debian package names).
+SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 git:git
+
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "redis-server not found; installing it with apt-get"; \
-		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
-	@command -v redis-server >/dev/null 2>&1 && command -v git >/dev/null 2>&1 || { \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git redis-server >/dev/null; }
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test: venv redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -184,3 +184,12 @@ def test_worker_pool_lanes_hand_over_without_waiting(agent_env, config_from):
     assert pool.take(0) is jobs[3]
     pool.done(jobs[3])
     assert pool.pending() == 0 and pool._lanes == {}
+
+
+def test_listener_resubscribes_after_its_connection_is_dropped(agent, backend, redis_server):
+    client = redis_server.client()
+    channel = f"cockpit-agent:{agent.config.agent_id}"
+    assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1  # the agent's and the backend's
+    wait_for(lambda: client.pubsub_numsub(channel)[0][1] == 1, 15, message="the agent to subscribe again")
+    wait_for(backend.subscribed.is_set, 10, message="the backend to subscribe again")
+    assert backend.call("echo", {"message": "back"})["output"] == "back"
