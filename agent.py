@@ -33,7 +33,7 @@ import redis
 import protocol
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
-from handlers import REGISTRY, Action, Children, Registry, execute
+from handlers import REGISTRY, Action, Children, Registry, Result, execute
 from handlers.base import monotonic_ms
 from outbox import Message, Store
 
@@ -412,7 +412,11 @@ class Worker(Loop):
             self.log.warning("%s: not queued any more; not running it", job.command_id)
             return
         start = time.monotonic()
-        result = execute(job.action, self.agent.children)
+        try:
+            result = execute(job.action, self.agent.children)
+        except Exception as exc:  # a bug must still end in an answer, not a silent 'running' row
+            self.log.exception("%s: %s failed inside the agent", job.command_id, job.command)
+            result = Result("error", None, f"the agent failed to run {job.command}: {type(exc).__name__}: {exc}")
         elapsed = monotonic_ms(start)
         response, message = self.agent.answer(job.command_id, result.status, result.output, result.error, elapsed)
         backoff = Backoff()

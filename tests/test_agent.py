@@ -193,3 +193,18 @@ def test_listener_resubscribes_after_its_connection_is_dropped(agent, backend, r
     wait_for(lambda: client.pubsub_numsub(channel)[0][1] == 1, 15, message="the agent to subscribe again")
     wait_for(backend.subscribed.is_set, 10, message="the backend to subscribe again")
     assert backend.call("echo", {"message": "back"})["output"] == "back"
+
+
+def test_a_handler_that_blows_up_still_gets_an_answer(running_agent, make_backend, monkeypatch):
+    import agent as agent_module
+
+    def broken(action, children=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(agent_module, "execute", broken)
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    response = backend.call("echo")
+    assert response["status"] == "error"
+    assert response["error"] == "the agent failed to run echo: RuntimeError: boom"
+    assert agent.open_store().get(response["command_id"])["state"] == "done"
