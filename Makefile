@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv redis-server test demo run lint clean
+.PHONY: venv redis-server test fuzz demo run lint clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ redis-server:
 
 test: venv redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Long property-based runs: N examples per property (make test runs a few thousand in all).
+EXAMPLES ?= 20000
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz EXAMPLES=$(EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 demo: venv redis-server
 	$(BIN)/python scripts/demo.py

@@ -236,7 +236,7 @@ def load(env_file: str | None = None) -> Config:
     r = _Reader(env)
 
     agent_id = r.str("AGENT_HOSTNAME") or r.str("AGENT_ID") or socket.gethostname()
-    if not _AGENT_ID_RE.match(agent_id):
+    if not _AGENT_ID_RE.fullmatch(agent_id):
         raise ConfigError(
             "AGENT_HOSTNAME/AGENT_ID: expected 1-200 characters of letters, digits and ._@:- "
             f"starting with a letter or digit, got {agent_id!r}"
@@ -271,7 +271,7 @@ def load(env_file: str | None = None) -> Config:
     from handlers.docker import CONTAINER_NAME_RE
 
     for name in containers:
-        if not CONTAINER_NAME_RE.match(name):
+        if not CONTAINER_NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"DOCKER_CONTAINER_NAME: {name!r} is not a valid container name "
                 "(letters, digits and _.- starting with a letter or digit)"

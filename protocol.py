@@ -62,8 +62,19 @@ def sign(message: dict[str, Any], secret: str) -> str:
     return hmac.new(secret.encode(), signature_base(message).encode(), hashlib.sha256).hexdigest()
 
 
+def is_text(value: Any) -> bool:
+    """A str that can be stored and sent: JSON can carry lone surrogates, UTF-8 cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _usable_command_id(value: Any) -> str | None:
-    if not isinstance(value, str) or not 1 <= len(value) <= COMMAND_ID_MAX:
+    if not is_text(value) or not 1 <= len(value) <= COMMAND_ID_MAX:
         return None
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return None
@@ -75,6 +86,8 @@ def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
     signature = auth.get("signature") if isinstance(auth, dict) else None
     if not isinstance(signature, str) or not signature:
         raise Rejected("not authenticated: the message carries no auth.signature and signing is on")
+    if not signature.isascii():  # hmac.compare_digest refuses non-ASCII text
+        raise Rejected("not authenticated: auth.signature is not a hex string")
     timestamp = message.get("timestamp")
     if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
         raise Rejected("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
@@ -133,7 +146,7 @@ def parse(
             command_id,
         )
     command = message.get("command")
-    if not isinstance(command, str) or not command:
+    if not is_text(command) or not command:
         raise Rejected(f"command must be a non-empty string, got {preview(command)}", command_id)
     params = message.get("params", {})
     if params is None:
@@ -146,7 +159,7 @@ def parse(
         command_id=command_id,
         command=command,
         params=params,
-        sender=sender if isinstance(sender, str) else None,
+        sender=sender if is_text(sender) else None,
         timestamp=timestamp if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None,
         size=size,
         signed=bool(secret),

@@ -17,7 +17,8 @@ DEFAULT_BRANCH = "main"
 
 def check_branch(value: str) -> str:
     """A branch name that git reads as a ref and never as an option; raises ValidationError."""
-    if not _BRANCH_RE.match(value) or "@{" in value:
+    # fullmatch: with match, "$" also matches before a trailing newline ("main\n").
+    if not _BRANCH_RE.fullmatch(value) or "@{" in value:
         raise ValidationError(
             f"branch {preview(value)} is not an allowed branch name: use letters, digits and ._/-, "
             "not starting with '-' or '.', without '..' or '//', at most 200 characters"
@@ -38,7 +39,12 @@ def resolve_repository(value: str | None, config) -> str:
         raise NotAllowed(
             f"repository_path {preview(value)} must be an absolute path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
         )
-    real = os.path.realpath(value)
+    try:
+        real = os.path.realpath(value)
+    except ValueError:  # not encodable as a file name (a lone surrogate from JSON)
+        raise NotAllowed(
+            f"repository_path {preview(value)} is not a valid path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+        ) from None
     for repo in allowed:
         if real == os.path.realpath(repo):
             return real
