@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -223,15 +224,70 @@ class _Reader:
         return path
 
 
+def check_env_file(path: str) -> None:
+    """Refuse a ``.env`` that others could read (it may hold secrets) or change (it names binaries).
+
+    Raises ConfigError with the command that fixes it.
+    """
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it may hold REDIS_PASSWORD and COCKPIT_SHARED_SECRET: run chmod 600 {path}"
+        )
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(
+            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {os.getuid()}) or root; "
+            f"whoever owns it can change what the agent runs: run chown {os.getuid()} {path}"
+        )
+
+
+# Secrets come from, in this order: the variable itself, a file named by VAR_FILE, or a systemd
+# credential (LoadCredential=name:/path) in $CREDENTIALS_DIRECTORY. Setting two is an error.
+SECRET_SOURCES = {
+    "REDIS_PASSWORD": "redis_password",
+    "COCKPIT_SHARED_SECRET": "shared_secret",
+}
+
+
+def read_secret(r: _Reader, name: str) -> str | None:
+    """The secret ``name`` from the environment, ``{name}_FILE`` or the systemd credential."""
+    value = r.str(name)
+    file_var = f"{name}_FILE"
+    file_path = r.str(file_var)
+    credential = None
+    credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials_dir and os.path.exists(os.path.join(credentials_dir, SECRET_SOURCES[name])):
+        credential = os.path.join(credentials_dir, SECRET_SOURCES[name])
+    if value is not None and file_path is not None:
+        raise ConfigError(f"{name} and {file_var} are both set; set only one of them")
+    if value is not None:
+        return value
+    path, origin = (file_path, file_var) if file_path is not None else (credential, "systemd credential")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{origin}: cannot read the {name} from {path!r}: {reason}") from None
+    secret = secret.rstrip("\r\n")  # editors and `echo` add a final newline; it is not part of the secret
+    if not secret:
+        raise ConfigError(f"{origin}: {path!r} is empty; it must hold the {name}")
+    return secret
+
+
 def load(env_file: str | None = None) -> Config:
     """Build the Config from the environment, reading ``env_file`` (default ``./.env``) first.
 
     Values already in the environment win over the file. Raises ConfigError on the first
-    bad value.
+    bad value, and on a ``.env`` that group or others can read.
     """
     env = Env(expand_vars=False)
     path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
     if os.path.isfile(path):
+        check_env_file(path)
         env.read_env(path, recurse=False, override=False)
     r = _Reader(env)
 
@@ -253,10 +309,11 @@ def load(env_file: str | None = None) -> Config:
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError:
             raise ConfigError("REDIS_URL: the port is not a number") from None
-    password = r.str("REDIS_PASSWORD")
+    password = read_secret(r, "REDIS_PASSWORD")
     if not password and not url_password:
         raise ConfigError(
-            "REDIS_PASSWORD: required (or a REDIS_URL that carries the password); it is not set"
+            "REDIS_PASSWORD: required (or REDIS_PASSWORD_FILE, the systemd credential redis_password, "
+            "or a REDIS_URL that carries the password); it is not set"
         )
 
     log_level = (r.str("LOG_LEVEL") or r.str("LOGLEVEL") or "INFO").upper()
@@ -281,7 +338,7 @@ def load(env_file: str | None = None) -> Config:
     if synchronous not in ("NORMAL", "FULL"):
         raise ConfigError(f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
 
-    shared_secret = r.str("COCKPIT_SHARED_SECRET")
+    shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
     return Config(
         agent_id=agent_id,
         redis_host=r.str("REDIS_HOST", "localhost"),
