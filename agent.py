@@ -566,6 +566,8 @@ class Agent:
             half = limit // 2
             output = f"{output[:half]}\n[... {len(output) - 2 * half} characters omitted ...]\n{output[-half:]}"
         response = protocol.response(command_id, status, output, error, elapsed_ms, self.config.agent_id, **extra)
+        if self.config.shared_secret:
+            response = protocol.sign_response(response, self.config.shared_secret)
         key = self.config.result_key(command_id) if result_key else None
         return response, Message(self.config.response_channel, protocol.encode(response), command_id, key)
 

@@ -189,6 +189,26 @@ def response(
     return message
 
 
+def sign_response(response: dict[str, Any], secret: str) -> dict[str, Any]:
+    """``response`` with ``auth.signature``, computed exactly like a command's signature.
+
+    A backend verifies it the same way: drop ``auth``, ``json.dumps(..., sort_keys=True)``,
+    append ``":" + str(timestamp)``, HMAC-SHA256 with the shared secret, compare the hex.
+    """
+    signed = {k: v for k, v in response.items() if k != "auth"}
+    signed["auth"] = {"signature": sign(signed, secret)}
+    return signed
+
+
+def verify(message: dict[str, Any], secret: str) -> bool:
+    """True when ``message`` carries the right ``auth.signature`` (no timestamp window here)."""
+    auth = message.get("auth")
+    signature = auth.get("signature") if isinstance(auth, dict) else None
+    if not isinstance(signature, str) or not signature.isascii():
+        return False
+    return hmac.compare_digest(sign(message, secret), signature.lower())
+
+
 def encode(message: dict[str, Any]) -> str:
     """JSON text for the wire; ASCII-only, so any input (even lone surrogates) encodes."""
     return json.dumps(message, separators=(",", ":"))
