@@ -31,6 +31,7 @@ from typing import Any
 import redis
 
 import protocol
+from audit import Audit
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, execute
@@ -146,6 +147,7 @@ class Job:
     command: str
     action: Action
     sender: str | None = None
+    params: dict[str, Any] | None = None  # as received, for the audit line
 
 
 class Intake:
@@ -190,10 +192,12 @@ class Intake:
             self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
             response, message = self.agent.error_answer(cmd.command_id, str(exc))
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
+            if accepted.new:
+                self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))
         else:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
-                self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender))
+                self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if accepted.new:
             self.agent.outbox_wake.set()
@@ -201,10 +205,14 @@ class Intake:
             self._duplicate(accepted.row)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
+        # Costs the sender nothing, so a flood of these is rate-limited in the log (audit.py).
+        loud = self.agent.audit.rejected(rejected.reason, rejected.command_id, len(data))
         if rejected.command_id is None:
-            self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
+            if loud:
+                self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
             return
-        self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
+        if loud:
+            self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
         if rejected.stored:
             existing = self.store.get(rejected.command_id)
             if existing is not None:
@@ -419,6 +427,7 @@ class Worker(Loop):
                     return
         self.agent.count_executed()
         self.agent.outbox_wake.set()
+        self.agent.audit.command(job.command_id, job.sender, job.command, job.params, result.status, elapsed, result.error)
         self.log.info(
             "%s: %s %s in %d ms%s", job.command_id, job.command, result.status, elapsed,
             f": {protocol.preview(result.error, 300)}" if result.error else "",
@@ -525,6 +534,7 @@ class Agent:
         self.registry = registry
         self.queue: queue.Queue[Job] = queue.Queue()
         self.children = Children()
+        self.audit = Audit()
         self.redis = config.redis_client()
         self.outbox_wake = threading.Event()
         self.retry_now = threading.Event()
@@ -594,7 +604,7 @@ class Agent:
                     response, message = self.error_answer(row["command_id"], str(exc))
                     store.finish(row["command_id"], "error", None, str(exc), 0, message)
                     continue
-                self.queue.put(Job(row["command_id"], row["command"], action, row["sender"]))
+                self.queue.put(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
             ).fetchone()[0]
