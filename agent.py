@@ -106,7 +106,10 @@ class Loop(threading.Thread):
     def on_error(self, exc: Exception) -> None:
         """Log a failed iteration: Redis outages once per outage, anything else in full."""
         if isinstance(exc, REDIS_DOWN):
-            if self.failing_since is None:
+            hint = self.config.explain_redis_error(exc)
+            if hint and self.failing_since is None:
+                self.log.error("cannot use Redis: %s (%s); retrying with backoff", hint, exc)
+            elif self.failing_since is None:
                 self.log.warning("Redis unreachable: %s", exc)
         else:
             self.log.exception("iteration failed; retrying")

@@ -101,6 +101,11 @@ class Config:
         if self.redis_url:
             parts = urlsplit(self.redis_url)
             kwargs["url"] = self.redis_url
+            if self.redis_ssl and parts.scheme == "redis":
+                # from_url takes no ssl=True: ask for the TLS connection class instead.
+                from redis.connection import SSLConnection
+
+                kwargs["connection_class"] = SSLConnection
             if not parts.password and self.redis_password:
                 kwargs["password"] = self.redis_password
             if not parts.username and self.redis_username:
@@ -114,8 +119,9 @@ class Config:
                 password=self.redis_password,
             )
         if self.redis_ssl:
+            if not self.redis_url:
+                kwargs["ssl"] = True
             kwargs.update(
-                ssl=True,
                 ssl_cert_reqs="required" if self.redis_tls_verify else "none",
                 ssl_check_hostname=self.redis_tls_verify,
                 ssl_ca_certs=self.redis_tls_ca_cert,
@@ -123,6 +129,32 @@ class Config:
                 ssl_keyfile=self.redis_tls_key,
             )
         return kwargs
+
+    def explain_redis_error(self, exc: BaseException) -> str | None:
+        """What an operator should do about a Redis connection error that retrying will not fix.
+
+        None for plain outages (Redis down, network gone): those are retried quietly.
+        """
+        text = str(exc)
+        ca = f"the CA in REDIS_TLS_CA_CERT ({self.redis_tls_ca_cert})" if self.redis_tls_ca_cert else \
+            "a CA of the system trust store (set REDIS_TLS_CA_CERT to the CA that signed it)"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            if "mismatch" in text:
+                return (f"TLS: the Redis server's certificate is not valid for {self.redis_host!r}: connect with "
+                        "a name the certificate lists (REDIS_HOST/REDIS_URL) or reissue the certificate")
+            return f"TLS: the Redis server's certificate is not trusted: it is not signed by {ca}"
+        if self.redis_ssl and ("EOF occurred in violation of protocol" in text or "alert" in text.lower()):
+            return ("TLS: the Redis server ended the handshake: it may require a client certificate "
+                    "(REDIS_TLS_CERT and REDIS_TLS_KEY) or not accept the one given")
+        if self.redis_ssl and "Timeout connecting" in text:
+            return "TLS: no handshake answer: is this the server's tls-port? (REDIS_PORT/REDIS_URL, REDIS_SSL)"
+        if not self.redis_ssl and "Connection reset by peer" in text:
+            return "the server closed the connection at once: if it only speaks TLS, set REDIS_SSL=1"
+        if "WRONGPASS" in text or "invalid username-password" in text or "NOAUTH" in text:
+            return "authentication failed: check REDIS_USERNAME and REDIS_PASSWORD (or REDIS_PASSWORD_FILE)"
+        if "NOPERM" in text:
+            return "the Redis ACL user lacks a permission this agent needs: see docs/redis-acl.md"
+        return None
 
     def redis_client(self, **overrides: Any):
         """A new ``redis.Redis`` client built from this configuration."""
