@@ -97,6 +97,8 @@ class Config:
             # replaces a pooled connection that went stale while Redis restarted.
             "retry": Retry(NoBackoff(), 1),
             "client_name": f"cockpit-agent:{self.agent_id}"[:100],
+            # No CLIENT SETINFO on connect: one command fewer for the ACL to allow (docs/redis-acl.md).
+            "driver_info": None,
         }
         if self.redis_url:
             parts = urlsplit(self.redis_url)
