@@ -18,8 +18,8 @@ redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "redis-server not found; installing it with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
-	@command -v redis-server >/dev/null 2>&1 && command -v git >/dev/null 2>&1 || { \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 && command -v git >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git redis-server openssl >/dev/null; }
 
 test: venv redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

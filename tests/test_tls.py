@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import PASSWORD, RedisServer, wait_for
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -99,7 +101,8 @@ def test_tls_verified_round_trip(tls_server, certs, agent_env, agent_process, ma
     assert "tls=on" in agent.log()
     # The plain port is closed: TLS is the only way in.
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=server.port, password=PASSWORD, socket_timeout=2, socket_connect_timeout=2).ping()
+        redis.Redis(port=server.port, password=PASSWORD, socket_timeout=2, socket_connect_timeout=2,
+                    retry=Retry(NoBackoff(), 0)).ping()
     assert agent.terminate() == 0
 
 
