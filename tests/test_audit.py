@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from conftest import PASSWORD, SECRET, wait_for
 
@@ -78,9 +79,12 @@ def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_proc
 
     # A flood of junk: the agent keeps up, and the log does not grow with it.
     client = redis_server.client()
+    started = time.monotonic()
     for i in range(400):
         client.publish(f"cockpit-agent:{env['AGENT_ID']}", b"\xff junk %d" % i)
     assert backend.call("echo", {"message": "after the flood"})["status"] == "success"
+    # The bucket holds 50 and refills 5 a second: that bounds the lines whatever the CPU load.
+    most = 50 + 5 * (time.monotonic() - started + 1)
 
     lines = wait_for(lambda: len([x for x in audit_lines(agent.log()) if x["event"] == "command"]) == 4
                      and audit_lines(agent.log()), message="four command audit lines")
@@ -98,11 +102,11 @@ def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_proc
     unauthenticated = [x for x in lines if x["event"] == "unauthenticated"]
     assert [x["command_id"] for x in unauthenticated] == [unsigned["command_id"]]
     junk = [x for x in lines if x["event"] == "rejected"]
-    assert 1 <= len(junk) <= 60, len(junk)  # burst 50 plus what refilled meanwhile, not 400
+    assert 1 <= len(junk) <= most < 400, (len(junk), most)
     assert all("not UTF-8" in x["reason"] for x in junk)
 
     log = agent.log()
     assert "hunter2-xyz" not in log and "tok-123" not in log and PASSWORD not in log and SECRET not in log
     assert "forged line\n" not in log  # newlines in values stay escaped: one event, one line
-    assert len([x for x in log.splitlines() if "junk" in x or "not UTF-8" in x]) <= 2 * 60
+    assert len([x for x in log.splitlines() if "junk" in x or "not UTF-8" in x]) <= 2 * most
     assert fake_docker.calls() == [["restart", "--", "web-1"]]
