@@ -9,9 +9,11 @@ from errors import NotAllowed, ValidationError
 from handlers.base import Action, Handler, string_param
 from protocol import preview
 
-# A stricter subset of git-check-ref-format: no leading '-', no '..', no '@{', no '//',
-# nothing but letters, digits and ._/-, no component starting with '.', no trailing '.lock'.
-_BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock$)(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$")
+# A stricter subset of git-check-ref-format: no leading '-' or '/', no '..', no '@{', no '//',
+# nothing but letters, digits and ._/-, no component starting with '.' or ending with '.lock'.
+_BRANCH_RE = re.compile(
+    r"^(?![-/])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock(?:/|$))(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$"
+)
 DEFAULT_BRANCH = "main"
 
 
@@ -21,7 +23,8 @@ def check_branch(value: str) -> str:
     if not _BRANCH_RE.fullmatch(value) or "@{" in value:
         raise ValidationError(
             f"branch {preview(value)} is not an allowed branch name: use letters, digits and ._/-, "
-            "not starting with '-' or '.', without '..' or '//', at most 200 characters"
+            "not starting with '-', '.' or '/', without '..' or '//', no part ending in '.lock', "
+            "at most 200 characters"
         )
     return value
 

@@ -136,7 +136,7 @@ LOOKALIKES = ["\u2010", "\u2011", "\u2212", "\uff0d", "\u200b", "\u202e", "\ufef
               "\u0301", "\u2215", "\uff0f", "\u2024", "\ud800", "\udc80", "é", "İ"]
 
 branch_pieces = st.sampled_from(
-    ["main", "dev", "feature", "release/1.2", "a", "0", "-", "--", "--upload-pack=touch /tmp/pwned", "-c", "..",
+    ["main", "dev", "feature", "release/1.2", "a", "0", "-", "--", "x.lock", "--upload-pack=touch /tmp/pwned", "-c", "..",
      "@{", "@{-1}", "@", "{", "}", "/", "//", ".", ".lock", "HEAD", "refs/heads/x", *SHELL_AND_CONTROL, *LOOKALIKES]
 )
 branches = st.one_of(
@@ -177,7 +177,8 @@ container_names = st.one_of(
 
 def check_branch_is_safe(branch: str) -> None:
     assert set(branch) <= ALLOWED_BRANCH_CHARS, branch
-    assert not branch.startswith(("-", ".")), branch
+    assert not branch.startswith(("-", ".", "/")), branch
+    assert ".lock/" not in branch, branch
     assert ".." not in branch and "@{" not in branch and "//" not in branch, branch
     assert not branch.endswith((".lock", "/", ".")), branch
     assert "/." not in branch, branch
@@ -327,7 +328,7 @@ def test_branches(world, branch):
         check_branch_is_safe(action.argv[-1])
 
 
-@examples(60)
+@examples(150)
 @given(st.one_of(branches, st.from_regex(r"[A-Za-z0-9._/-]{1,30}", fullmatch=True)))
 def test_accepted_branches_are_valid_git_refs(world, branch):
     """What the agent accepts, git itself accepts as a branch ref (checked by running git)."""
@@ -354,6 +355,8 @@ def test_known_attacks_are_refused(world):
         ("git_pull", {"branch": "main..evil"}),
         ("git_pull", {"branch": "@{-1}"}),
         ("git_pull", {"branch": "main;id"}),
+        ("git_pull", {"branch": "/G"}),                 # found by test_accepted_branches_are_valid_git_refs
+        ("git_pull", {"branch": "a.lock/b"}),
         ("git_pull", {"repository_path": repo + "/escape/etc"}),
         ("git_pull", {"repository_path": repo + "/../app-evil"}),
         ("git_pull", {"repository_path": repo + "\x00"}),
