@@ -600,12 +600,15 @@ class Agent:
                 response, message = self.error_answer(row["command_id"], error)
                 store.finish(row["command_id"], "error", None, error, 0, message)
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
+                self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
                 try:
                     action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
                 except ValidationError as exc:
                     response, message = self.error_answer(row["command_id"], str(exc))
                     store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
+                                       "error", 0, str(exc))
                     continue
                 self.queue.put(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
             self.executed = store.db.execute(

@@ -110,3 +110,25 @@ def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_proc
     assert "forged line\n" not in log  # newlines in values stay escaped: one event, one line
     assert len([x for x in log.splitlines() if "junk" in x or "not UTF-8" in x]) <= 2 * most
     assert fake_docker.calls() == [["restart", "--", "web-1"]]
+
+
+def test_commands_answered_at_start_up_are_audited_too(tmp_path, caplog):
+    """A command left running by a crash is answered at start-up; that answer has its audit line."""
+    from agent import Agent
+    from config import Config
+
+    config = Config(agent_id="audit-recover", redis_password="unused", outbox_db=str(tmp_path / "outbox.db"),
+                    git_repo_paths=(str(tmp_path),))
+    agent = Agent(config)
+    store = agent.open_store()
+    store.accept("crashed-1", "docker_restart", {"container_name": "grafana", "token": "tok-456"}, "cockpit-backend")
+    assert store.claim("crashed-1")
+    store.accept("queued-1", "docker_restart", {"container_name": "no-longer-listed"}, "cockpit-backend")
+    store.close()
+    caplog.set_level(logging.INFO, logger="cockpit_agent.audit")
+    agent.recover()
+    lines = {x["command_id"]: x for x in audit_lines("\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records))}
+    assert lines["crashed-1"]["status"] == "error" and "interrupted" in lines["crashed-1"]["error"]
+    assert lines["crashed-1"]["params"] == {"container_name": "grafana", "token": "***"}
+    assert lines["queued-1"]["status"] == "error" and "not whitelisted" in lines["queued-1"]["error"]
+    assert "tok-456" not in caplog.text
