@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import protocol
@@ -159,7 +159,13 @@ def path_strategy(world):
     composed = st.tuples(prefixes, st.lists(pieces, max_size=6), suffixes).map(
         lambda t: t[0] + ("/" if t[0] and not t[0].endswith("/") else "") + "/".join(t[1]) + t[2]
     )
-    return st.one_of(composed, st.text(max_size=40), st.sampled_from(sorted(world["config"].git_repo_paths)))
+    # Near misses: a whitelisted repo spelt another way, then a twist that may or may not leave it.
+    spellings = st.sampled_from([*world["config"].git_repo_paths, base + "/links/to-app", base + "/repos/./app",
+                                 base + "//repos/app", base + "/repos/app2/../app", base + "/repos/app/up/app2"])
+    twists = st.lists(st.sampled_from(["/", "//", "/.", "/sub/..", "/./", "/up/app", "/up/app-evil", "/escape/..",
+                                       "/..", "/sub", "\n", "\x00", " ", "\u200b", "/.git/.."]), max_size=3)
+    near = st.tuples(spellings, twists).map(lambda t: t[0] + "".join(t[1]))
+    return st.one_of(composed, near, st.text(max_size=40))
 
 
 container_names = st.one_of(
@@ -306,6 +312,7 @@ def test_repository_paths(world, data):
     path = data.draw(path_strategy(world))
     command = data.draw(st.sampled_from(["git_pull", "git_status"]))
     action = prepare_or_refuse(command, {"repository_path": path}, world)
+    event("path accepted" if action is not None else "path refused")
     if action is not None:
         # Accepted only if the path really is a whitelisted repository, whatever way it was spelt.
         assert "\x00" not in path and os.path.isabs(path)
@@ -323,6 +330,7 @@ def test_repository_paths(world, data):
 @given(branches)
 def test_branches(world, branch):
     action = prepare_or_refuse("git_pull", {"branch": branch}, world)
+    event("branch accepted" if action is not None else "branch refused")
     if action is not None:
         assert action.argv[-1] == (branch or "main")
         check_branch_is_safe(action.argv[-1])
@@ -444,12 +452,14 @@ def test_intake_never_escapes_and_queues_only_valid_actions(world, intake, data)
     try:
         cmd = protocol.parse(raw, max_bytes=agent.config.max_message_bytes)
     except protocol.Rejected as rejected:
+        event("intake: rejected by parse")
         assert queued == []
         if rejected.command_id is not None:  # answerable: an answer waits, or one was already recorded
             assert store.get(rejected.command_id) is not None or store.counts()["outbox"] > before["outbox"]
         return
     row = store.get(cmd.command_id)
     assert row is not None, "an accepted message must leave a commands row"
+    event(f"intake: {'queued ' + cmd.command if queued else 'refused or repeated'}")
     for job in queued:
         assert job.command_id == cmd.command_id
         check_action(job.command, job.action, world)
@@ -462,7 +472,14 @@ def test_intake_never_escapes_and_queues_only_valid_actions(world, intake, data)
         store.finish(cmd.command_id, "success", "not run (fuzz)", None, 0, message)
 
 
-def test_the_profile_is_what_make_selects():
-    assert PROFILE == os.environ.get("HYPOTHESIS_PROFILE", "default")
-    assert re.fullmatch(r"\d+", str(settings().max_examples))
+def test_make_fuzz_selects_the_fuzz_profile_with_its_examples():
+    from conftest import ROOT
+
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), "fuzz", "EXAMPLES=1234"], capture_output=True, text=True)
+    assert re.search(r"HYPOTHESIS_PROFILE=fuzz EXAMPLES=1234 \S*python -m pytest tests/test_fuzz.py", dry.stdout), dry.stdout
+    settings.load_profile("fuzz")
+    try:
+        assert settings.default.max_examples == int(os.environ.get("EXAMPLES", "20000"))
+    finally:
+        settings.load_profile(PROFILE)
 
