@@ -506,6 +506,7 @@ class Heartbeat(Loop):
 
     def loop_once(self) -> None:
         self.agent.heartbeat_now.clear()
+        self.agent.audit.report_suppressed()
         self.beat("online")
         self.agent.heartbeat_now.wait(self.config.heartbeat_interval)
 

@@ -8,7 +8,8 @@ token, ...) before they are logged.
 Executed and refused commands are always logged: each one also costs a SQLite row and a
 response, so they are bounded by QUEUE_MAX and the backend. Messages that are rejected
 before that (not JSON, unsigned, wrongly signed) cost the sender nothing, so their lines go
-through a token bucket: a flood is summarised ("suppressed N") instead of filling the disk.
+through a token bucket: a flood is summarised ("suppressed": N, on the next such line or at the
+next heartbeat) instead of filling the disk.
 """
 
 from __future__ import annotations
@@ -102,3 +103,14 @@ class Audit:
             fields["suppressed"] = suppressed  # lines dropped by the rate limit since the last one
         self._emit(event, **fields)
         return True
+
+    def report_suppressed(self) -> int:
+        """Log how many lines the rate limit dropped since the last report (called by the heartbeat).
+
+        So a flood that stops is still counted, even if no rejected message follows it.
+        """
+        with self._lock:
+            suppressed, self.suppressed = self.suppressed, 0
+        if suppressed:
+            self._emit("suppressed", suppressed=suppressed)
+        return suppressed

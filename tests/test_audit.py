@@ -61,6 +61,12 @@ def test_a_flood_of_rejected_messages_is_summarised(caplog):
                     "reason": "not authenticated: auth.signature does not match the message", "size": 80,
                     "suppressed": 9990}
     assert all(r.levelno == logging.INFO and r.name == "cockpit_agent.audit" for r in caplog.records)
+    # A flood that stops is still counted: the heartbeat reports what was dropped since.
+    for _ in range(100):
+        audit.rejected("message is not JSON (x)", None, 3)
+    assert audit.report_suppressed() == 100 - 4  # 5 tokens refilled in that second, 1 spent above
+    assert json.loads(caplog.records[-1].getMessage().split("audit ", 1)[1]) == {"event": "suppressed", "suppressed": 96}
+    assert audit.report_suppressed() == 0
 
 
 def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_process, make_backend, redis_server,
