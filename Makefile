@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv redis-server test demo run lint clean
+.PHONY: venv redis-server test fuzz demo run lint clean
 
 venv: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 # The tests and the demo start their own redis-server processes and read the state with the
 # sqlite3 shell, as operators do; install what is missing (Debian package names).
-SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 git:git
+SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 git:git openssl:openssl
 
 redis-server:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -27,6 +27,12 @@ redis-server:
 
 test: venv redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Long property-based runs: N examples per property (make test runs a few thousand in all).
+EXAMPLES ?= 20000
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz EXAMPLES=$(EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 demo: venv redis-server
 	$(BIN)/python scripts/demo.py

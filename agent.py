@@ -31,6 +31,7 @@ from typing import Any
 import redis
 
 import protocol
+from audit import Audit
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
@@ -105,7 +106,10 @@ class Loop(threading.Thread):
     def on_error(self, exc: Exception) -> None:
         """Log a failed iteration: Redis outages once per outage, anything else in full."""
         if isinstance(exc, REDIS_DOWN):
-            if self.failing_since is None:
+            hint = self.config.explain_redis_error(exc)
+            if hint and self.failing_since is None:
+                self.log.error("cannot use Redis: %s (%s); retrying with backoff", hint, exc)
+            elif self.failing_since is None:
                 self.log.warning("Redis unreachable: %s", exc)
         else:
             self.log.exception("iteration failed; retrying")
@@ -146,6 +150,7 @@ class Job:
     command: str
     action: Action
     sender: str | None = None
+    params: dict[str, Any] | None = None  # as received, for the audit line
 
 
 class Intake:
@@ -191,10 +196,12 @@ class Intake:
             self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
             response, message = self.agent.error_answer(cmd.command_id, str(exc))
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
+            if accepted.new:
+                self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))
         else:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
-                self.agent.pool.submit(Job(cmd.command_id, cmd.command, action, cmd.sender))
+                self.agent.pool.submit(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if accepted.new:
             self.agent.outbox_wake.set()
@@ -202,10 +209,14 @@ class Intake:
             self._duplicate(accepted.row)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
+        # Costs the sender nothing, so a flood of these is rate-limited in the log (audit.py).
+        loud = self.agent.audit.rejected(rejected.reason, rejected.command_id, len(data))
         if rejected.command_id is None:
-            self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
+            if loud:
+                self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
             return
-        self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
+        if loud:
+            self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
         if rejected.stored:
             existing = self.store.get(rejected.command_id)
             if existing is not None:
@@ -431,6 +442,7 @@ class Worker(Loop):
                     return
         self.agent.count_executed()
         self.agent.outbox_wake.set()
+        self.agent.audit.command(job.command_id, job.sender, job.command, job.params, result.status, elapsed, result.error)
         self.log.info(
             "%s: %s %s in %d ms%s", job.command_id, job.command, result.status, elapsed,
             f": {protocol.preview(result.error, 300)}" if result.error else "",
@@ -506,6 +518,7 @@ class Heartbeat(Loop):
 
     def loop_once(self) -> None:
         self.agent.heartbeat_now.clear()
+        self.agent.audit.report_suppressed()
         self.beat("online")
         self.agent.heartbeat_now.wait(self.config.heartbeat_interval)
 
@@ -537,6 +550,7 @@ class Agent:
         self.registry = registry
         self.queue: queue.Queue[Job] = queue.Queue()
         self.children = Children()
+        self.audit = Audit()
         self.redis = config.redis_client()
         self.outbox_wake = threading.Event()
         self.retry_now = threading.Event()
@@ -578,6 +592,8 @@ class Agent:
             half = limit // 2
             output = f"{output[:half]}\n[... {len(output) - 2 * half} characters omitted ...]\n{output[-half:]}"
         response = protocol.response(command_id, status, output, error, elapsed_ms, self.config.agent_id, **extra)
+        if self.config.shared_secret:
+            response = protocol.sign_response(response, self.config.shared_secret)
         key = self.config.result_key(command_id) if result_key else None
         return response, Message(self.config.response_channel, protocol.encode(response), command_id, key)
 
@@ -597,14 +613,17 @@ class Agent:
                 response, message = self.error_answer(row["command_id"], error)
                 store.finish(row["command_id"], "error", None, error, 0, message)
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
+                self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
                 try:
                     action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
                 except ValidationError as exc:
                     response, message = self.error_answer(row["command_id"], str(exc))
                     store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
+                                       "error", 0, str(exc))
                     continue
-                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"]))
+                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
             ).fetchone()[0]

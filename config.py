@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,10 +97,17 @@ class Config:
             # replaces a pooled connection that went stale while Redis restarted.
             "retry": Retry(NoBackoff(), 1),
             "client_name": f"cockpit-agent:{self.agent_id}"[:100],
+            # No CLIENT SETINFO on connect: one command fewer for the ACL to allow (docs/redis-acl.md).
+            "driver_info": None,
         }
         if self.redis_url:
             parts = urlsplit(self.redis_url)
             kwargs["url"] = self.redis_url
+            if self.redis_ssl and parts.scheme == "redis":
+                # from_url takes no ssl=True: ask for the TLS connection class instead.
+                from redis.connection import SSLConnection
+
+                kwargs["connection_class"] = SSLConnection
             if not parts.password and self.redis_password:
                 kwargs["password"] = self.redis_password
             if not parts.username and self.redis_username:
@@ -113,8 +121,9 @@ class Config:
                 password=self.redis_password,
             )
         if self.redis_ssl:
+            if not self.redis_url:
+                kwargs["ssl"] = True
             kwargs.update(
-                ssl=True,
                 ssl_cert_reqs="required" if self.redis_tls_verify else "none",
                 ssl_check_hostname=self.redis_tls_verify,
                 ssl_ca_certs=self.redis_tls_ca_cert,
@@ -122,6 +131,32 @@ class Config:
                 ssl_keyfile=self.redis_tls_key,
             )
         return kwargs
+
+    def explain_redis_error(self, exc: BaseException) -> str | None:
+        """What an operator should do about a Redis connection error that retrying will not fix.
+
+        None for plain outages (Redis down, network gone): those are retried quietly.
+        """
+        text = str(exc)
+        ca = f"the CA in REDIS_TLS_CA_CERT ({self.redis_tls_ca_cert})" if self.redis_tls_ca_cert else \
+            "a CA of the system trust store (set REDIS_TLS_CA_CERT to the CA that signed it)"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            if "mismatch" in text:
+                return (f"TLS: the Redis server's certificate is not valid for {self.redis_host!r}: connect with "
+                        "a name the certificate lists (REDIS_HOST/REDIS_URL) or reissue the certificate")
+            return f"TLS: the Redis server's certificate is not trusted: it is not signed by {ca}"
+        if self.redis_ssl and ("EOF occurred in violation of protocol" in text or "alert" in text.lower()):
+            return ("TLS: the Redis server ended the handshake: it may require a client certificate "
+                    "(REDIS_TLS_CERT and REDIS_TLS_KEY) or not accept the one given")
+        if self.redis_ssl and "Timeout connecting" in text:
+            return "TLS: no handshake answer: is this the server's tls-port? (REDIS_PORT/REDIS_URL, REDIS_SSL)"
+        if not self.redis_ssl and "Connection reset by peer" in text:
+            return "the server closed the connection at once: if it only speaks TLS, set REDIS_SSL=1"
+        if "WRONGPASS" in text or "invalid username-password" in text or "NOAUTH" in text:
+            return "authentication failed: check REDIS_USERNAME and REDIS_PASSWORD (or REDIS_PASSWORD_FILE)"
+        if "NOPERM" in text:
+            return "the Redis ACL user lacks a permission this agent needs: see docs/redis-acl.md"
+        return None
 
     def redis_client(self, **overrides: Any):
         """A new ``redis.Redis`` client built from this configuration."""
@@ -224,20 +259,75 @@ class _Reader:
         return path
 
 
+def check_env_file(path: str) -> None:
+    """Refuse a ``.env`` that others could read (it may hold secrets) or change (it names binaries).
+
+    Raises ConfigError with the command that fixes it.
+    """
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it may hold REDIS_PASSWORD and COCKPIT_SHARED_SECRET: run chmod 600 {path}"
+        )
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(
+            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {os.getuid()}) or root; "
+            f"whoever owns it can change what the agent runs: run chown {os.getuid()} {path}"
+        )
+
+
+# Secrets come from, in this order: the variable itself, a file named by VAR_FILE, or a systemd
+# credential (LoadCredential=name:/path) in $CREDENTIALS_DIRECTORY. Setting two is an error.
+SECRET_SOURCES = {
+    "REDIS_PASSWORD": "redis_password",
+    "COCKPIT_SHARED_SECRET": "shared_secret",
+}
+
+
+def read_secret(r: _Reader, name: str) -> str | None:
+    """The secret ``name`` from the environment, ``{name}_FILE`` or the systemd credential."""
+    value = r.str(name)
+    file_var = f"{name}_FILE"
+    file_path = r.str(file_var)
+    credential = None
+    credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials_dir and os.path.exists(os.path.join(credentials_dir, SECRET_SOURCES[name])):
+        credential = os.path.join(credentials_dir, SECRET_SOURCES[name])
+    if value is not None and file_path is not None:
+        raise ConfigError(f"{name} and {file_var} are both set; set only one of them")
+    if value is not None:
+        return value
+    path, origin = (file_path, file_var) if file_path is not None else (credential, "systemd credential")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{origin}: cannot read the {name} from {path!r}: {reason}") from None
+    secret = secret.rstrip("\r\n")  # editors and `echo` add a final newline; it is not part of the secret
+    if not secret:
+        raise ConfigError(f"{origin}: {path!r} is empty; it must hold the {name}")
+    return secret
+
+
 def load(env_file: str | None = None) -> Config:
     """Build the Config from the environment, reading ``env_file`` (default ``./.env``) first.
 
     Values already in the environment win over the file. Raises ConfigError on the first
-    bad value.
+    bad value, and on a ``.env`` that group or others can read.
     """
     env = Env(expand_vars=False)
     path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
     if os.path.isfile(path):
+        check_env_file(path)
         env.read_env(path, recurse=False, override=False)
     r = _Reader(env)
 
     agent_id = r.str("AGENT_HOSTNAME") or r.str("AGENT_ID") or socket.gethostname()
-    if not _AGENT_ID_RE.match(agent_id):
+    if not _AGENT_ID_RE.fullmatch(agent_id):
         raise ConfigError(
             "AGENT_HOSTNAME/AGENT_ID: expected 1-200 characters of letters, digits and ._@:- "
             f"starting with a letter or digit, got {agent_id!r}"
@@ -254,10 +344,11 @@ def load(env_file: str | None = None) -> Config:
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError:
             raise ConfigError("REDIS_URL: the port is not a number") from None
-    password = r.str("REDIS_PASSWORD")
+    password = read_secret(r, "REDIS_PASSWORD")
     if not password and not url_password:
         raise ConfigError(
-            "REDIS_PASSWORD: required (or a REDIS_URL that carries the password); it is not set"
+            "REDIS_PASSWORD: required (or REDIS_PASSWORD_FILE, the systemd credential redis_password, "
+            "or a REDIS_URL that carries the password); it is not set"
         )
 
     log_level = (r.str("LOG_LEVEL") or r.str("LOGLEVEL") or "INFO").upper()
@@ -272,7 +363,7 @@ def load(env_file: str | None = None) -> Config:
     from handlers.docker import CONTAINER_NAME_RE
 
     for name in containers:
-        if not CONTAINER_NAME_RE.match(name):
+        if not CONTAINER_NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"DOCKER_CONTAINER_NAME: {name!r} is not a valid container name "
                 "(letters, digits and _.- starting with a letter or digit)"
@@ -282,7 +373,7 @@ def load(env_file: str | None = None) -> Config:
     if synchronous not in ("NORMAL", "FULL"):
         raise ConfigError(f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
 
-    shared_secret = r.str("COCKPIT_SHARED_SECRET")
+    shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
     return Config(
         agent_id=agent_id,
         redis_host=r.str("REDIS_HOST", "localhost"),

@@ -62,8 +62,19 @@ def sign(message: dict[str, Any], secret: str) -> str:
     return hmac.new(secret.encode(), signature_base(message).encode(), hashlib.sha256).hexdigest()
 
 
+def is_text(value: Any) -> bool:
+    """A str that can be stored and sent: JSON can carry lone surrogates, UTF-8 cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _usable_command_id(value: Any) -> str | None:
-    if not isinstance(value, str) or not 1 <= len(value) <= COMMAND_ID_MAX:
+    if not is_text(value) or not 1 <= len(value) <= COMMAND_ID_MAX:
         return None
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return None
@@ -75,6 +86,8 @@ def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
     signature = auth.get("signature") if isinstance(auth, dict) else None
     if not isinstance(signature, str) or not signature:
         raise Rejected("not authenticated: the message carries no auth.signature and signing is on")
+    if not signature.isascii():  # hmac.compare_digest refuses non-ASCII text
+        raise Rejected("not authenticated: auth.signature is not a hex string")
     timestamp = message.get("timestamp")
     if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
         raise Rejected("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
@@ -133,7 +146,7 @@ def parse(
             command_id,
         )
     command = message.get("command")
-    if not isinstance(command, str) or not command:
+    if not is_text(command) or not command:
         raise Rejected(f"command must be a non-empty string, got {preview(command)}", command_id)
     params = message.get("params", {})
     if params is None:
@@ -146,7 +159,7 @@ def parse(
         command_id=command_id,
         command=command,
         params=params,
-        sender=sender if isinstance(sender, str) else None,
+        sender=sender if is_text(sender) else None,
         timestamp=timestamp if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None,
         size=size,
         signed=bool(secret),
@@ -174,6 +187,26 @@ def response(
     }
     message.update(extra)
     return message
+
+
+def sign_response(response: dict[str, Any], secret: str) -> dict[str, Any]:
+    """``response`` with ``auth.signature``, computed exactly like a command's signature.
+
+    A backend verifies it the same way: drop ``auth``, ``json.dumps(..., sort_keys=True)``,
+    append ``":" + str(timestamp)``, HMAC-SHA256 with the shared secret, compare the hex.
+    """
+    signed = {k: v for k, v in response.items() if k != "auth"}
+    signed["auth"] = {"signature": sign(signed, secret)}
+    return signed
+
+
+def verify(message: dict[str, Any], secret: str) -> bool:
+    """True when ``message`` carries the right ``auth.signature`` (no timestamp window here)."""
+    auth = message.get("auth")
+    signature = auth.get("signature") if isinstance(auth, dict) else None
+    if not isinstance(signature, str) or not signature.isascii():
+        return False
+    return hmac.compare_digest(sign(message, secret), signature.lower())
 
 
 def encode(message: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from errors import NotAllowed, ValidationError
-from protocol import preview
+from protocol import is_text, preview
 
 if TYPE_CHECKING:
     from config import Config
@@ -113,6 +113,8 @@ def string_param(params: dict[str, Any], name: str, default: str | None, max_len
         raise ValidationError(f"{name} must be a string, got {type(value).__name__} {preview(value)}")
     if len(value) > max_len:
         raise ValidationError(f"{name} is {len(value)} characters long; at most {max_len} are allowed")
+    if not is_text(value):
+        raise ValidationError(f"{name} is not valid Unicode text (it holds a lone surrogate): {preview(value)}")
     return value
 
 

@@ -18,7 +18,7 @@ def prepare_restart(params, config) -> Action:
     name = string_param(params, "container_name", None, max_len=128)
     if name is None:
         name = allowed[0]
-    if not CONTAINER_NAME_RE.match(name):
+    if not CONTAINER_NAME_RE.fullmatch(name):
         raise ValidationError(
             f"container_name {preview(name)} is not a valid container name; "
             f"allowed: {', '.join(allowed)} (DOCKER_CONTAINER_NAME)"

@@ -9,18 +9,22 @@ from errors import NotAllowed, ValidationError
 from handlers.base import Action, Handler, string_param
 from protocol import preview
 
-# A stricter subset of git-check-ref-format: no leading '-', no '..', no '@{', no '//',
-# nothing but letters, digits and ._/-, no component starting with '.', no trailing '.lock'.
-_BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock$)(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$")
+# A stricter subset of git-check-ref-format: no leading '-' or '/', no '..', no '@{', no '//',
+# nothing but letters, digits and ._/-, no component starting with '.' or ending with '.lock'.
+_BRANCH_RE = re.compile(
+    r"^(?![-/])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock(?:/|$))(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$"
+)
 DEFAULT_BRANCH = "main"
 
 
 def check_branch(value: str) -> str:
     """A branch name that git reads as a ref and never as an option; raises ValidationError."""
-    if not _BRANCH_RE.match(value) or "@{" in value:
+    # fullmatch: with match, "$" also matches before a trailing newline ("main\n").
+    if not _BRANCH_RE.fullmatch(value) or "@{" in value:
         raise ValidationError(
             f"branch {preview(value)} is not an allowed branch name: use letters, digits and ._/-, "
-            "not starting with '-' or '.', without '..' or '//', at most 200 characters"
+            "not starting with '-', '.' or '/', without '..' or '//', no part ending in '.lock', "
+            "at most 200 characters"
         )
     return value
 
@@ -38,7 +42,12 @@ def resolve_repository(value: str | None, config) -> str:
         raise NotAllowed(
             f"repository_path {preview(value)} must be an absolute path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
         )
-    real = os.path.realpath(value)
+    try:
+        real = os.path.realpath(value)
+    except ValueError:  # not encodable as a file name (a lone surrogate from JSON)
+        raise NotAllowed(
+            f"repository_path {preview(value)} is not a valid path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+        ) from None
     for repo in allowed:
         if real == os.path.realpath(repo):
             return real

@@ -89,6 +89,7 @@ def test_secrets_stay_out_of_repr_and_logs(config_from, caplog):
 def test_dotenv_file_is_read_and_environment_wins(config_from, tmp_path):
     env_file = tmp_path / "agent.env"
     env_file.write_text("REDIS_PASSWORD=from-file\nREDIS_PORT=6390\nAGENT_ID=from-file\n")
+    env_file.chmod(0o600)
     config = config_from({"COCKPIT_AGENT_ENV_FILE": str(env_file), "AGENT_ID": "from-env"})
     assert (config.redis_password, config.redis_port, config.agent_id) == ("from-file", 6390, "from-env")
 

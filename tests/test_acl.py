@@ -1,0 +1,139 @@
+"""The agent under exactly the least-privilege ACL of docs/redis-acl.md, end to end, and what
+that user cannot do to other agents (or to itself: it cannot publish commands)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import uuid
+
+import pytest
+import redis
+
+from conftest import ROOT, SECRET, wait_for
+
+ACL_DOC = ROOT / "docs" / "redis-acl.md"
+
+
+def documented_rules(agent_id: str, password: str) -> tuple[str, list[str]]:
+    """The ACL SETUSER block of docs/redis-acl.md, for ``agent_id``: (username, rules)."""
+    text = ACL_DOC.read_text()
+    block = re.search(r"<!-- acl:begin -->\s*```\n(.*?)```\s*<!-- acl:end -->", text, re.S).group(1)
+    tokens = shlex.split(block.replace("{id}", agent_id).replace("{password}", password))
+    assert tokens[:2] == ["ACL", "SETUSER"]
+    return tokens[2], tokens[3:]
+
+
+def install_user(admin: redis.Redis, agent_id: str) -> tuple[str, str]:
+    password = f"agent-pw-{uuid.uuid4().hex}"
+    username, rules = documented_rules(agent_id, password)
+    admin.execute_command("ACL", "SETUSER", username, *rules)
+    return username, password
+
+
+def denials(admin: redis.Redis, username: str) -> list[dict]:
+    return [entry for entry in admin.acl_log(count=1000) if entry.get("username") == username]
+
+
+@pytest.fixture
+def acl_agent(redis_server, agent_env, agent_process):
+    """``python agent.py`` logged in as its documented ACL user, signing on."""
+    admin = redis_server.client()
+    admin.acl_log_reset()
+    username, password = install_user(admin, agent_env["AGENT_ID"])
+    env = {**agent_env, "REDIS_USERNAME": username, "REDIS_PASSWORD": password, "COCKPIT_SHARED_SECRET": SECRET}
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    return agent, username, password
+
+
+def test_acl_agent_works_end_to_end_under_the_documented_user(acl_agent, redis_server, make_backend, fake_docker):
+    agent, username, _ = acl_agent
+    agent_id = agent.env["AGENT_ID"]
+    admin = redis_server.client()
+    backend = make_backend(agent_id, secret=SECRET)
+
+    assert backend.call("echo", {"message": "least privilege"})["output"] == "least privilege"
+    assert backend.call("docker_restart", {"container_name": "grafana"})["output"] == "grafana"
+    assert backend.call("git_status")["status"] == "success"
+    refused = backend.call("docker_restart", {"container_name": "db"})
+    assert refused["status"] == "error" and "not whitelisted" in refused["error"]
+
+    # Everything it writes is where the contract says, under its own names only.
+    registry = wait_for(lambda: (lambda h: int(h.get(b"commands_executed", 0)) >= 3 and h)(
+        admin.hgetall(f"agents:{agent_id}")), message="a heartbeat counting the commands")
+    assert registry[b"status"] == b"online"
+    assert 0 < admin.ttl(f"agents:{agent_id}") <= 3 * int(agent.env["HEARTBEAT_INTERVAL"])
+    for response in backend.responses:
+        assert admin.exists(f"cockpit-agent-result:{agent_id}:{response['command_id']}")
+    assert [c["name"] for c in admin.client_list() if c.get("user") == username][:1] == [f"cockpit-agent:{agent_id}"]
+
+    # Nothing it did was refused by the ACL, and a clean stop still writes status=offline.
+    assert denials(admin, username) == []
+    assert agent.terminate() == 0
+    assert admin.hget(f"agents:{agent_id}", "status") == b"offline"
+    assert denials(admin, username) == []
+    assert "NOPERM" not in agent.log() and "iteration failed" not in agent.log()
+
+
+def test_acl_user_cannot_touch_another_agent(redis_server):
+    admin = redis_server.client()
+    admin.acl_log_reset()
+    mine, other = "host-a", "host-b"
+    username, password = install_user(admin, mine)
+    install_user(admin, other)
+    admin.hset(f"agents:{other}", "status", "online")
+    admin.set(f"cockpit-agent-result:{other}:c1", "secret result")
+    admin.xadd(f"cockpit-agent-stream:{other}", {"m": "1"})
+    admin.xadd(f"cockpit-agent-stream:{mine}", {"m": "1"})
+    me = redis.Redis(port=redis_server.port, username=username, password=password, socket_timeout=5)
+
+    # What it may do, on its own names.
+    assert me.ping()
+    me.hset(f"agents:{mine}", "status", "online")
+    me.set(f"cockpit-agent-result:{mine}:c1", "x", ex=60)
+    assert me.exists(f"cockpit-agent-result:{mine}:c1") == 1
+    me.xgroup_create(f"cockpit-agent-stream:{mine}", "agent", id="0")
+    assert me.xreadgroup("agent", "c", {f"cockpit-agent-stream:{mine}": ">"}, count=1)
+    assert me.xautoclaim(f"cockpit-agent-stream:{mine}", "agent", "c", 0)[0] is not None
+
+    forbidden = [
+        ("HSET", f"agents:{other}", "status", "offline"),
+        ("EXPIRE", f"agents:{other}", "1"),
+        ("GET", f"cockpit-agent-result:{other}:c1"),
+        ("GET", f"cockpit-agent-result:{mine}:c1"),              # it writes results; reading them is the backend's
+        ("SET", f"cockpit-agent-result:{other}:c2", "forged"),
+        ("EXISTS", f"cockpit-agent-result:{other}:c1"),
+        ("PUBLISH", f"cockpit-agent-response:{other}", "forged"),
+        ("PUBLISH", f"cockpit-agent:{other}", "{}"),              # cannot command another agent
+        ("PUBLISH", f"cockpit-agent:{mine}", "{}"),               # nor itself
+        ("XREADGROUP", "GROUP", "agent", "c", "STREAMS", f"cockpit-agent-stream:{other}", ">"),
+        ("XADD", f"cockpit-agent-stream:{mine}", "*", "m", "forged"),
+        ("EVAL", "return redis.call('SET', KEYS[1], 'x')", "1", f"agents:{other}"),
+        ("EVAL", "return redis.call('PUBLISH', ARGV[1], 'x')", "0", f"cockpit-agent:{other}"),
+        ("KEYS", "*"),
+        ("SCAN", "0"),
+        ("FLUSHALL",),
+        ("CONFIG", "GET", "requirepass"),
+        ("ACL", "LIST"),
+        ("DEL", f"agents:{other}"),
+    ]
+    for command in forbidden:
+        # NOPERM, or for a script "The user executing the script can't ..."
+        with pytest.raises(redis.ResponseError, match=r"no permissions|can't (publish|access)"):
+            me.execute_command(*command)
+            raise AssertionError(f"allowed: {command}")
+    pubsub = me.pubsub()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        pubsub.subscribe(f"cockpit-agent:{other}")
+        pubsub.get_message(timeout=2)
+    pubsub.close()
+
+    # The other agent's data is untouched.
+    assert admin.hget(f"agents:{other}", "status") == b"online"
+    assert admin.get(f"cockpit-agent-result:{other}:c1") == b"secret result"
+    assert admin.exists(f"cockpit-agent-result:{other}:c2") == 0
+    # Redis kept a record of the attempts for the operator (ACL LOG merges repeats).
+    objects = {entry["object"] for entry in denials(admin, username)}
+    assert {f"agents:{other}", f"cockpit-agent:{other}", f"cockpit-agent:{mine}", f"cockpit-agent-response:{other}",
+            f"cockpit-agent-result:{other}:c2", f"cockpit-agent-stream:{other}", "flushall"} <= objects

@@ -1,0 +1,107 @@
+"""Secrets from files (REDIS_PASSWORD_FILE, COCKPIT_SHARED_SECRET_FILE), from systemd credentials
+($CREDENTIALS_DIRECTORY), and the refusal of a ``.env`` that group or others can read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PASSWORD, ROOT, SECRET
+from errors import ConfigError
+
+BASE = {"AGENT_ID": "secrets-test", "GIT_REPO_PATH": "/tmp"}
+
+
+def write(path, text: str, mode: int = 0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_secrets_from_files(tmp_path, config_from):
+    password = write(tmp_path / "redis_password", PASSWORD + "\n")
+    secret = write(tmp_path / "shared_secret", SECRET)
+    config = config_from({**BASE, "REDIS_PASSWORD_FILE": str(password), "COCKPIT_SHARED_SECRET_FILE": str(secret)})
+    assert config.redis_password == PASSWORD  # the final newline is not part of it
+    assert config.shared_secret == SECRET
+    assert PASSWORD not in repr(config) and SECRET not in repr(config) and SECRET not in config.describe()
+
+
+def test_secrets_from_systemd_credentials(tmp_path, config_from, monkeypatch):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    write(credentials / "redis_password", PASSWORD)
+    write(credentials / "shared_secret", SECRET + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    config = config_from(dict(BASE))
+    assert (config.redis_password, config.shared_secret) == (PASSWORD, SECRET)
+    # An explicit variable wins over the credential.
+    assert config_from({**BASE, "REDIS_PASSWORD": "from-the-environment"}).redis_password == "from-the-environment"
+
+
+def test_without_any_source_the_password_is_required(config_from, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError, match="REDIS_PASSWORD: required .*REDIS_PASSWORD_FILE"):
+        config_from(dict(BASE))
+    assert config_from({**BASE, "REDIS_PASSWORD": "p"}).shared_secret is None
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "both"])
+def test_bad_secret_files_are_clear_errors_without_the_secret(tmp_path, config_from, case):
+    path = tmp_path / "secret"
+    env = {**BASE, "REDIS_PASSWORD": PASSWORD, "COCKPIT_SHARED_SECRET_FILE": str(path)}
+    if case == "empty":
+        write(path, "\n")
+    if case == "both":
+        write(path, SECRET)
+        env["COCKPIT_SHARED_SECRET"] = SECRET
+    with pytest.raises(ConfigError) as error:
+        config_from(env)
+    text = str(error.value)
+    assert "COCKPIT_SHARED_SECRET" in text and SECRET not in text and PASSWORD not in text
+    expected = {"missing": "No such file", "empty": "is empty", "both": "set only one"}[case]
+    assert expected in text
+
+
+def run_agent_briefly(env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "agent.py")], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_dotenv_readable_by_others_is_refused_at_start(tmp_path, mode):
+    dotenv = write(tmp_path / ".env", f"REDIS_PASSWORD={PASSWORD}\nAGENT_ID=dotenv-test\n", mode)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    done = run_agent_briefly(env, tmp_path)
+    assert done.returncode == 78, done.stderr
+    assert f"chmod 600 {dotenv.name}" in done.stderr or f"chmod 600 {dotenv}" in done.stderr
+    assert f"mode {mode:04o}" in done.stderr
+    assert PASSWORD not in done.stderr + done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_private_dotenv_is_read(tmp_path, config_from):
+    dotenv = write(tmp_path / "agent.env", f"REDIS_PASSWORD={PASSWORD}\nCOCKPIT_SHARED_SECRET={SECRET}\n")
+    config = config_from({**BASE, "COCKPIT_AGENT_ENV_FILE": str(dotenv)})
+    assert (config.redis_password, config.shared_secret) == (PASSWORD, SECRET)
+
+
+def test_agent_runs_with_secrets_only_in_credentials(tmp_path, agent_env, agent_process, make_backend, redis_server):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    write(credentials / "redis_password", PASSWORD + "\n")
+    write(credentials / "shared_secret", SECRET + "\n")
+    env = {k: v for k, v in agent_env.items() if k != "REDIS_PASSWORD"}
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(env["AGENT_ID"], secret=SECRET)
+    assert backend.call("echo", {"message": "from credentials"})["output"] == "from credentials"
+    unsigned = make_backend(env["AGENT_ID"]).call("echo", {"message": "unsigned"})
+    assert unsigned["status"] == "error" and "not authenticated" in unsigned["error"]
+    assert agent.terminate() == 0
+    assert PASSWORD not in agent.log() and SECRET not in agent.log()
+    assert "signing=on" in agent.log()
