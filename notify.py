@@ -36,6 +36,9 @@ class SdNotify:
             # '@name' is Linux's abstract namespace: a leading NUL byte on the wire.
             self.address = "\0" + address[1:] if address.startswith("@") else address
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the agent on a reader that is not reading (a full datagram queue):
+            # a dropped STATUS or ping is replaced by the next one.
+            self.sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:
