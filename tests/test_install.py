@@ -1,0 +1,189 @@
+"""``make install`` / ``make uninstall`` staged under DESTDIR, .env.example, and the hardened unit
+(including ``systemd-analyze security --offline=true``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+UNIT = ROOT / "systemd" / "cockpit-agent.service"
+APP, CONF, STATE = "opt/cockpit-agent", "etc/cockpit-agent", "var/lib/cockpit-agent"
+
+
+def make(target: str, destdir, **variables: str) -> subprocess.CompletedProcess:
+    args = ["make", "--no-print-directory", "-C", str(ROOT), target, f"DESTDIR={destdir}",
+            *(f"{k}={v}" for k, v in variables.items())]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
+    dest = tmp_path / "stage"
+    first = make("install", dest, INSTALL_VENV="0")
+    assert "Next steps:" in first.stdout and "journalctl -u cockpit-agent -f" in first.stdout
+    assert "wrote" in first.stdout and "agent.env from .env.example" in first.stdout
+
+    app = dest / APP
+    for name in ("agent.py", "cli.py", "config.py", "notify.py", "metrics.py", "logs.py", "protocol.py",
+                 "errors.py", "handlers/__init__.py", "handlers/loader.py", "outbox/schema.sql",
+                 "handlers/examples/systemctl_restart.py", "requirements.txt", ".env.example"):
+        assert (app / name).is_file(), name
+    assert not (app / "tests").exists() and not (app / ".venv").exists()
+    assert not list(app.rglob("__pycache__"))
+    unit = dest / "etc/systemd/system/cockpit-agent.service"
+    assert unit.read_text() == UNIT.read_text() and mode(unit) == 0o644
+    env_file = dest / CONF / "agent.env"
+    assert env_file.read_text() == (ROOT / ".env.example").read_text() and mode(env_file) == 0o600
+    assert mode(dest / CONF) == 0o750 and mode(dest / CONF / "handlers.d") == 0o755
+    assert mode(dest / STATE) == 0o700
+    wrapper = dest / "usr/local/bin/cockpit-agent"
+    assert mode(wrapper) == 0o755
+    assert "exec /opt/cockpit-agent/venv/bin/python /opt/cockpit-agent/agent.py" in wrapper.read_text()
+    assert "COCKPIT_AGENT_ENV_FILE:=/etc/cockpit-agent/agent.env" in wrapper.read_text()
+
+    # The staged copy is a complete app: it imports and parses its command line on its own.
+    result = subprocess.run([sys.executable, str(app / "agent.py"), "check", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "exit codes:" in result.stdout, result.stderr
+
+    # The operator's settings survive a second run untouched, and the run succeeds.
+    env_file.write_text("REDIS_PASSWORD=operator-choice\n")
+    env_file.chmod(0o640)
+    (app / "stale_module.py").write_text("# removed upstream\n")
+    second = make("install", dest, INSTALL_VENV="0")
+    assert "kept the existing" in second.stdout
+    assert env_file.read_text() == "REDIS_PASSWORD=operator-choice\n" and mode(env_file) == 0o640
+    assert not (app / "stale_module.py").exists()
+    assert unit.read_text() == UNIT.read_text()
+
+
+def test_staged_install_builds_the_venv_from_the_pinned_requirements(tmp_path):
+    dest = tmp_path / "stage"
+    make("install", dest)
+    python = dest / APP / "venv" / "bin" / "python"
+    result = subprocess.run([str(python), "-c", "import redis, environs, sqlite_utils, prometheus_client"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([str(python), str(dest / APP / "agent.py"), "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().startswith("cockpit-agent ")
+    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, timeout=60).stdout
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert line.lower().replace("_", "-") in freeze.lower().replace("_", "-"), line
+    again = make("install", dest)  # unchanged requirements: nothing to install
+    assert "venv is up to date with requirements.txt" in again.stdout
+
+
+def test_uninstall_keeps_state_and_settings_unless_purge(tmp_path):
+    dest = tmp_path / "stage"
+    make("install", dest, INSTALL_VENV="0")
+    (dest / STATE / "outbox.db").write_text("pretend")
+    make("uninstall", dest)
+    assert not (dest / APP).exists()
+    assert not (dest / "etc/systemd/system/cockpit-agent.service").exists()
+    assert not (dest / "usr/local/bin/cockpit-agent").exists()
+    assert (dest / STATE / "outbox.db").exists() and (dest / CONF / "agent.env").exists()
+    make("uninstall", dest, PURGE="1")
+    assert not (dest / STATE).exists() and not (dest / CONF).exists()
+
+
+def test_env_example_documents_every_variable_the_agent_reads():
+    documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    read = set()
+    for source in [ROOT / "config.py", ROOT / "handlers" / "examples" / "systemctl_restart.py"]:
+        read |= set(re.findall(r"""(?:r\.\w+|environ\.get|getenv|setenv)\(\s*["']([A-Z][A-Z0-9_]+)["']""",
+                               source.read_text()))
+    read -= {"SYSTEMCTL_UNITS", "SYSTEMCTL_BIN", "SYSTEMCTL_TIMEOUT"}  # documented in the example itself
+    read.remove("COCKPIT_AGENT_ENV_FILE")  # names the file itself: explained in its header
+    assert "COCKPIT_AGENT_ENV_FILE" in (ROOT / ".env.example").read_text()
+    assert len(read) > 30
+    assert read <= documented, sorted(read - documented)
+    protocol_vars = {"REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "AGENT_HOSTNAME", "GIT_REPO_PATH",
+                     "DOCKER_CONTAINER_NAME", "HEARTBEAT_INTERVAL", "COMMAND_TIMEOUT", "DOCKER_TIMEOUT", "AGENT_ID",
+                     "LOGLEVEL", "LOG_LEVEL", "REDIS_URL", "REDIS_USERNAME", "REDIS_SSL", "REDIS_TLS_VERIFY",
+                     "REDIS_TLS_CA_CERT", "REDIS_TLS_CERT", "REDIS_TLS_KEY", "COCKPIT_SHARED_SECRET", "OUTBOX_DB",
+                     "WORKER_COUNT", "RESPONSE_RETRY_SECONDS", "RESULT_TTL", "GIT_BIN", "DOCKER_BIN"}
+    assert protocol_vars <= documented, sorted(protocol_vars - documented)
+
+
+# -- the unit -----------------------------------------------------------------------------------
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_is_notify_with_watchdog_restart_and_stop_timeout():
+    from config import Config
+
+    unit = unit_settings()
+    assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
+    assert int(unit["WatchdogSec"][0]) >= 30
+    assert unit["Restart"] == ["on-failure"] and unit["RestartPreventExitStatus"] == ["78"]
+    assert unit["KillMode"] == ["mixed"]  # SIGTERM to the agent; running commands get their grace period
+    # Longer than the grace period plus the final flush (5 s) and the thread joins (3 x 5 s).
+    assert int(unit["TimeoutStopSec"][0]) > Config(agent_id="x").shutdown_grace + 20
+    assert unit["ExecStart"] == ["/opt/cockpit-agent/venv/bin/python /opt/cockpit-agent/agent.py run"]
+    assert unit["Environment"][0] == "COCKPIT_AGENT_ENV_FILE=/etc/cockpit-agent/agent.env"
+
+
+def test_unit_hardening_settings():
+    from config import Config
+
+    unit = unit_settings()
+    expected = {
+        "User": "cockpit-agent", "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes", "CapabilityBoundingSet": "", "UMask": "0077",
+        "StateDirectory": "cockpit-agent",
+    }
+    for key, value in expected.items():
+        assert unit[key] == [value], key
+    assert "@system-service" in unit["SystemCallFilter"]
+    assert set(unit["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    defaults = Config(agent_id="x")
+    assert os.path.dirname(defaults.outbox_db) == "/var/lib/" + unit["StateDirectory"][0]
+    assert f"-{defaults.git_repo_paths[0]}" in unit["ReadWritePaths"]
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze():
+    """systemd-analyze, installed with the systemd package when it is missing (as `make test` does)."""
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        subprocess.run(["make", "-C", str(ROOT), "systemd-analyze"], check=True, timeout=600,
+                       capture_output=True)
+        path = shutil.which("systemd-analyze")
+    assert path, "systemd-analyze is missing and could not be installed (apt-get install systemd)"
+    return path
+
+
+def test_unit_exposure_score_is_at_most_2_5(systemd_analyze, tmp_path):
+    unit = tmp_path / "cockpit-agent.service"
+    shutil.copy(UNIT, unit)
+    result = subprocess.run([systemd_analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                            capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for cockpit-agent\.service: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr
+    score = float(match.group(1))
+    print(f"systemd-analyze security exposure: {score}")
+    assert score <= 2.5, result.stdout
