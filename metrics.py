@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from config import VERSION
+from notify import connect_read_only
 
 if TYPE_CHECKING:
     from agent import Agent
@@ -38,7 +39,7 @@ class _Gauges:
         # A short-lived connection per scrape: the scrape runs on the HTTP server's thread,
         # and a Store belongs to the thread that opened it.
         try:
-            db = sqlite3.connect(f"file:{self.agent.config.outbox_db}?mode=ro", uri=True, timeout=5)
+            db = connect_read_only(self.agent.config.outbox_db)
             try:
                 return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
             finally:

@@ -18,11 +18,17 @@ import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from agent import Agent, Loop
 
 log = logging.getLogger("cockpit_agent.notify")
+
+
+def connect_read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection to the outbox: counting must never create or change the file."""
+    return sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=5)
 
 
 class SdNotify:
@@ -171,7 +177,7 @@ class Notifier(threading.Thread):
         """Messages waiting in the outbox, or None when the database cannot be read."""
         try:
             if self.db is None:
-                self.db = sqlite3.connect(self.agent.config.outbox_db, timeout=5)
+                self.db = connect_read_only(self.agent.config.outbox_db)
             return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         except sqlite3.Error:
             return None

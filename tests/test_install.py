@@ -187,3 +187,72 @@ def test_unit_exposure_score_is_at_most_2_5(systemd_analyze, tmp_path):
     score = float(match.group(1))
     print(f"systemd-analyze security exposure: {score}")
     assert score <= 2.5, result.stdout
+
+
+# -- the live (root) path, on a stand-in for a fresh host -----------------------------------------
+
+# Runs inside a private mount namespace (unshare -m): /etc is a copy, /opt, /var/lib, /run and
+# /usr/local/bin are empty tmpfs, so useradd, chown and the unit land there and vanish with the
+# namespace; the real host is never touched. systemctl is a stand-in on PATH (no systemd runs
+# here) that records its arguments; /run/systemd/system makes install.sh believe systemd runs.
+LIVE_INSTALL = r"""
+set -eu
+mount --make-rprivate /
+cp -a /etc "$WORK/etc"
+mount --bind "$WORK/etc" /etc
+for dir in /opt /var/lib /run /usr/local/bin; do mount -t tmpfs tmpfs "$dir"; done
+mkdir -p /run/systemd/system
+groupadd --system docker
+export PATH="$WORK/fakebin:$PATH"
+cd "$SRC"
+make --no-print-directory install INSTALL_VENV=0 > "$WORK/first.out"
+echo 'REDIS_PASSWORD=set-by-the-operator' >> /etc/cockpit-agent/agent.env
+make --no-print-directory install INSTALL_VENV=0 > "$WORK/second.out"
+echo "user: $(id -nG cockpit-agent)"
+echo "shell: $(getent passwd cockpit-agent | cut -d: -f6,7)"
+for path in /etc/cockpit-agent /etc/cockpit-agent/agent.env /etc/cockpit-agent/handlers.d \
+            /var/lib/cockpit-agent /opt/cockpit-agent/agent.py /etc/systemd/system/cockpit-agent.service \
+            /usr/local/bin/cockpit-agent; do
+    echo "stat: $path $(stat -c '%U:%G %a' "$path")"
+done
+echo "env: $(tail -n 1 /etc/cockpit-agent/agent.env)"
+make --no-print-directory uninstall PURGE=1 > "$WORK/purge.out"
+echo "after purge: $(getent passwd cockpit-agent || echo no user) $(ls /opt /etc/systemd/system | grep -c cockpit || true)"
+"""
+
+
+def test_live_install_as_root_on_a_private_stand_in_host(tmp_path):
+    assert os.geteuid() == 0 and shutil.which("unshare"), "the live install path is tested as root with unshare"
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    calls = tmp_path / "systemctl-calls"
+    (fakebin / "systemctl").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    (fakebin / "systemctl").chmod(0o755)
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", LIVE_INSTALL],
+                            env={**os.environ, "WORK": str(tmp_path), "SRC": str(ROOT)},
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    facts = result.stdout
+    first = (tmp_path / "first.out").read_text()
+    assert "created system user cockpit-agent" in first
+    assert "cockpit-agent is in the docker group" in first
+    assert "systemd reloaded; cockpit-agent.service enabled" in first
+    assert "user cockpit-agent exists" in (tmp_path / "second.out").read_text()
+    assert "kept the existing /etc/cockpit-agent/agent.env" in (tmp_path / "second.out").read_text()
+    assert set(re.search(r"user: (.*)", facts).group(1).split()) == {"cockpit-agent", "docker"}
+    assert "shell: /var/lib/cockpit-agent:/usr/sbin/nologin" in facts
+    assert "stat: /etc/cockpit-agent root:cockpit-agent 750" in facts
+    assert "stat: /etc/cockpit-agent/agent.env cockpit-agent:cockpit-agent 600" in facts
+    assert "stat: /etc/cockpit-agent/handlers.d root:root 755" in facts
+    assert "stat: /var/lib/cockpit-agent cockpit-agent:cockpit-agent 700" in facts
+    assert "stat: /opt/cockpit-agent/agent.py root:root 644" in facts
+    assert "stat: /etc/systemd/system/cockpit-agent.service root:root 644" in facts
+    assert "stat: /usr/local/bin/cockpit-agent root:root 755" in facts
+    assert "env: REDIS_PASSWORD=set-by-the-operator" in facts
+    assert "after purge: no user 0" in facts
+    assert calls.read_text().splitlines() == [
+        "daemon-reload", "enable cockpit-agent.service",
+        "daemon-reload", "enable cockpit-agent.service",
+        "disable --now cockpit-agent.service", "daemon-reload",
+    ]
+    assert subprocess.run(["getent", "passwd", "cockpit-agent"], capture_output=True).returncode != 0  # host untouched
