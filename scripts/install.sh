@@ -24,7 +24,7 @@ UNIT=/etc/systemd/system/cockpit-agent.service
 WRAPPER=/usr/local/bin/cockpit-agent
 ENV_FILE=$CONF/agent.env
 # The application: every top-level module plus these; tests, venvs and caches stay behind.
-APP_DIRS="handlers outbox systemd"
+APP_DIRS="handlers outbox systemd docs"
 APP_FILES="requirements.txt .env.example"
 
 live() { [ -z "$DESTDIR" ]; }
@@ -61,7 +61,7 @@ install -d -m 0755 "$DESTDIR$APP"
 (cd "$DESTDIR$APP" && rm -rf -- $APP_DIRS ./*.py)
 (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' ./*.py $APP_DIRS $APP_FILES) |
     tar -xf - --no-same-owner --no-same-permissions -C "$DESTDIR$APP"
-chmod -R u=rwX,go=rX "$DESTDIR$APP/handlers" "$DESTDIR$APP/outbox" "$DESTDIR$APP/systemd"
+chmod -R u=rwX,go=rX "$DESTDIR$APP/handlers" "$DESTDIR$APP/outbox" "$DESTDIR$APP/systemd" "$DESTDIR$APP/docs"
 chmod 0644 "$DESTDIR$APP"/*.py "$DESTDIR$APP/requirements.txt" "$DESTDIR$APP/.env.example"
 say "installed the app to $DESTDIR$APP"
 

@@ -38,7 +38,7 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
     app = dest / APP
     for name in ("agent.py", "cli.py", "config.py", "notify.py", "metrics.py", "logs.py", "protocol.py",
                  "errors.py", "handlers/__init__.py", "handlers/loader.py", "outbox/schema.sql",
-                 "handlers/examples/systemctl_restart.py", "requirements.txt", ".env.example"):
+                 "handlers/examples/systemctl_restart.py", "docs/OPERATIONS.md", "requirements.txt", ".env.example"):
         assert (app / name).is_file(), name
     assert not (app / "tests").exists() and not (app / ".venv").exists()
     assert not list(app.rglob("__pycache__"))
