@@ -183,6 +183,7 @@ def test_status_and_history_of_a_running_then_stopped_agent(running_agent, make_
     code, out, _ = main("status")
     assert code == 69
     assert "unreachable" in out and "local:        0 queued, 0 running, 2 done" in out
+    redis_server.start()  # so the fixture's second shutdown does not wait on a dead server
 
 
 # -- outbox -------------------------------------------------------------------------------------
