@@ -171,7 +171,8 @@ class _Reader:
         self.env = env
 
     def raw(self, name: str) -> str | None:
-        value = os.environ.get(name)
+        """The variable's text (environment first, then ``.env``), None when unset or empty."""
+        value = self.env.str(name, None)
         return value if value not in (None, "") else None
 
     def str(self, name: str, default: str | None = None) -> str | None:
