@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging(config)
     try:
-        registry = registry_with_dir(REGISTRY, config.handlers_dir)
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=args.env_file)
     except ConfigError as exc:
         log.critical("configuration error: %s", exc)
         return EX_CONFIG

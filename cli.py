@@ -193,7 +193,7 @@ def check(env_file: str | None) -> int:
     from handlers.loader import registry_with_dir
 
     try:
-        registry = registry_with_dir(REGISTRY, config.handlers_dir)
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
         checks.report(True, "commands", ", ".join(registry.names()) +
                       (f" (with {config.handlers_dir})" if config.handlers_dir else ""))
     except ConfigError as exc:

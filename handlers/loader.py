@@ -8,7 +8,9 @@ nothing is ever skipped silently.
 
 A module declares ``HANDLERS = [Handler(...), ...]`` (or a single ``HANDLER``), each with its
 name, params, a ``prepare(params, config)`` that validates and returns an Action with its
-timeout. A name already taken (by a built-in or another module) is an error.
+timeout. A name already taken (by a built-in or another module) is an error. A module reads
+its own settings with ``setting(NAME)``: the environment first, then the agent's .env file,
+exactly like the agent's own variables.
 """
 
 from __future__ import annotations
@@ -25,6 +27,27 @@ from handlers.base import Handler, Registry
 log = logging.getLogger("cockpit_agent.handlers")
 
 MODULE_PREFIX = "cockpit_agent_handlers_d"
+
+# The agent's .env values, for ``setting``; filled by ``registry_with_dir`` before modules load.
+_env_file_values: dict[str, str] = {}
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+    """A setting for a HANDLERS_DIR module: the environment first, then the agent's .env file."""
+    value = os.environ.get(name)
+    if value in (None, ""):
+        value = _env_file_values.get(name)
+    return default if value in (None, "") else value
+
+
+def env_file_values(env_file: str | None) -> dict[str, str]:
+    """The variables in the .env file the agent reads (same choice of file as ``config.load``)."""
+    from dotenv import dotenv_values
+
+    path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
+    if not os.path.isfile(path):
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
 def check_safe(path: str, kind: str, root_uid: int = 0) -> os.stat_result:
@@ -88,10 +111,13 @@ def load_dir(directory: str, root_uid: int = 0) -> list[Handler]:
     return found
 
 
-def registry_with_dir(base: Registry, directory: str | None, root_uid: int = 0) -> Registry:
+def registry_with_dir(base: Registry, directory: str | None, root_uid: int = 0,
+                      env_file: str | None = None) -> Registry:
     """``base`` plus the handlers in ``directory`` (``base`` itself when there is none)."""
     if not directory:
         return base
+    _env_file_values.clear()
+    _env_file_values.update(env_file_values(env_file))
     registry = Registry(base.handlers())
     for handler in load_dir(directory, root_uid):
         try:

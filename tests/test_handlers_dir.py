@@ -166,8 +166,10 @@ def test_example_end_to_end_in_a_running_agent(handlers_dir, tmp_path, agent_env
                                                 redis_server):
     install_example(handlers_dir)
     systemctl, calls = fake_systemctl(tmp_path)
-    env = {**agent_env, "HANDLERS_DIR": str(handlers_dir), "SYSTEMCTL_UNITS": "nginx.service,app.service",
-           "SYSTEMCTL_BIN": str(systemctl)}
+    # The example's settings come from the agent's .env file, as under systemd.
+    env_file = tmp_path / "agent.env"
+    env_file.write_text(f"SYSTEMCTL_UNITS=nginx.service,app.service\nSYSTEMCTL_BIN={systemctl}\n")
+    env = {**agent_env, "HANDLERS_DIR": str(handlers_dir), "COCKPIT_AGENT_ENV_FILE": str(env_file)}
     agent = agent_process(env).start()
     agent.wait_subscribed(redis_server)
     backend = make_backend(env["AGENT_ID"])

@@ -7,7 +7,7 @@ Install it with:
     HANDLERS_DIR=/etc/cockpit-agent/handlers.d
     SYSTEMCTL_UNITS=nginx.service,grafana-server.service
 
-Settings (read once, when the agent loads the module):
+Settings (read once, when the agent loads the module, from the environment or the agent's .env):
     SYSTEMCTL_UNITS    comma-separated units that may be restarted (required)
     SYSTEMCTL_BIN      the systemctl to run (default: systemctl on PATH)
     SYSTEMCTL_TIMEOUT  seconds before the restart is killed (default 60)
@@ -18,11 +18,11 @@ The agent's user needs permission to restart those units (a polkit rule or a sud
 
 from __future__ import annotations
 
-import os
 import re
 
 from errors import ConfigError, ValidationError
 from handlers.base import Action, Handler, string_param, whitelisted
+from handlers.loader import setting
 from protocol import preview
 
 # systemd unit names: letters, digits and :_.@- , with a known unit type suffix.
@@ -30,19 +30,19 @@ UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,250}\.(service|socket|time
 
 
 def _settings() -> tuple[tuple[str, ...], str, float]:
-    units = tuple(u.strip() for u in os.environ.get("SYSTEMCTL_UNITS", "").split(",") if u.strip())
+    units = tuple(u.strip() for u in (setting("SYSTEMCTL_UNITS") or "").split(",") if u.strip())
     if not units:
         raise ConfigError("SYSTEMCTL_UNITS: required by the systemctl_restart handler (comma-separated units)")
     for unit in units:
         if not UNIT_RE.match(unit):
             raise ConfigError(f"SYSTEMCTL_UNITS: {unit!r} is not a unit name like nginx.service")
     try:
-        timeout = float(os.environ.get("SYSTEMCTL_TIMEOUT", "60"))
+        timeout = float(setting("SYSTEMCTL_TIMEOUT", "60"))
     except ValueError:
         raise ConfigError("SYSTEMCTL_TIMEOUT: expected a number of seconds") from None
     if timeout <= 0:
         raise ConfigError("SYSTEMCTL_TIMEOUT: expected a positive number of seconds")
-    return units, os.environ.get("SYSTEMCTL_BIN") or "systemctl", timeout
+    return units, setting("SYSTEMCTL_BIN", "systemctl"), timeout
 
 
 UNITS, SYSTEMCTL, TIMEOUT = _settings()
