@@ -204,8 +204,14 @@ class Notifier(threading.Thread):
         return text
 
     def stopping(self) -> None:
-        """The agent began a graceful stop."""
-        self.notify.send("STOPPING=1", "STATUS=stopping: finishing running commands")
+        """The agent began a graceful stop: say so, and make sure systemd waits for the grace period.
+
+        EXTEND_TIMEOUT_USEC covers a SHUTDOWN_GRACE raised in agent.env beyond the unit's
+        TimeoutStopSec: the grace, plus the final flush and thread joins.
+        """
+        grace = self.agent.config.shutdown_grace
+        self.notify.send("STOPPING=1", f"STATUS=stopping: up to {grace:g} s for running commands to finish",
+                         f"EXTEND_TIMEOUT_USEC={int((grace + 30) * 1_000_000)}")
 
     def close(self) -> None:
         """Stop the thread and the socket."""

@@ -135,7 +135,9 @@ def test_agent_process_ready_without_redis_then_online_pings_and_stopping(
     assert online["STATUS"] == "online; 0 queued; 0 waiting in outbox"
 
     agent.proc.send_signal(15)
-    listener.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
+    stopping = listener.wait(lambda m: m.get("STOPPING") == "1", what="STOPPING=1")
+    assert stopping["EXTEND_TIMEOUT_USEC"] == str((5 + 30) * 1_000_000)  # SHUTDOWN_GRACE=5 plus flush and joins
+    assert stopping["STATUS"] == "stopping: up to 5 s for running commands to finish"
     assert agent.proc.wait(30) == 0
 
 
