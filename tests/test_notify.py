@@ -165,7 +165,7 @@ def test_a_stopped_thread_stops_the_watchdog_pings(notify_socket, running_agent)
 
 def test_a_wedged_thread_stops_the_pings_until_it_moves_again(notify_socket, running_agent):
     listener = notify_socket()
-    agent = _start_notified(running_agent, listener, STALL_SECONDS="1")
+    agent = _start_notified(running_agent, listener, STALL_SECONDS="5")
     listener.wait(lambda m: m.get("WATCHDOG") == "1", what="a first ping")
 
     # Wedge the flusher inside an iteration, then make that iteration look ancient.
