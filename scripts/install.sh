@@ -100,6 +100,9 @@ else
     NEW_ENV=1
 fi
 
+# Where a checkout keeps it, for operators who look there first; the agent reads ENV_FILE.
+ln -sfn "$ENV_FILE" "$DESTDIR$APP/.env"
+
 # -- state, unit, command ----------------------------------------------------------------
 install -d -m 0700 "$DESTDIR$STATE"
 live && chown "$AGENT_USER:$AGENT_USER" "$STATE"

@@ -46,6 +46,7 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
     assert unit.read_text() == UNIT.read_text() and mode(unit) == 0o644
     env_file = dest / CONF / "agent.env"
     assert env_file.read_text() == (ROOT / ".env.example").read_text() and mode(env_file) == 0o600
+    assert os.readlink(app / ".env") == "/etc/cockpit-agent/agent.env"
     assert mode(dest / CONF) == 0o750 and mode(dest / CONF / "handlers.d") == 0o755
     assert mode(dest / STATE) == 0o700
     wrapper = dest / "usr/local/bin/cockpit-agent"
