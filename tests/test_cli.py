@@ -278,3 +278,43 @@ def test_help_documents_the_exit_codes(capsys):
     out = capsys.readouterr().out
     for code in ("0 ", "1 ", "2 ", "3 ", "69 ", "78 "):
         assert f"\n  {code}" in out
+
+
+def test_send_without_redis_exits_69(agent_env):
+    from conftest import free_port
+
+    result = cli({**agent_env, "REDIS_PORT": str(free_port())}, "send", "echo", "--timeout", "5")
+    assert result.returncode == 69
+    assert "cannot reach Redis at 127.0.0.1:" in result.stderr
+    assert PASSWORD not in result.stderr
+
+
+def test_as_root_the_database_commands_run_as_the_files_owner(agent_env):
+    """Root must not leave root-owned -wal/-shm files that would lock the agent out of its database."""
+    import os
+    import shutil
+    import tempfile
+
+    from outbox import Message, Store
+
+    nobody = 65534
+    base = tempfile.mkdtemp(prefix="ca-owner-", dir="/tmp")  # traversable by nobody, unlike pytest's tmp
+    try:
+        os.chmod(base, 0o755)
+        state = os.path.join(base, "state")
+        store = Store(os.path.join(state, "outbox.db"))
+        store.enqueue(Message("cockpit-agent-response:x", "{}", "cmd-1", None))
+        store.close()
+        for path in [state, *(os.path.join(state, name) for name in os.listdir(state))]:
+            os.chown(path, nobody, nobody)
+        env = {**agent_env, "OUTBOX_DB": os.path.join(state, "outbox.db")}
+        retried = cli(env, "outbox", "retry")
+        assert retried.returncode == 0 and "1 message(s) due now" in retried.stdout, retried.stderr
+        listed = cli(env, "outbox", "list")
+        assert listed.returncode == 0 and "cmd-1" in listed.stdout
+        probe = subprocess.run(
+            [sys.executable, "-c", "import os, cli, config; cli._open_db(config.load()); print(os.geteuid(), os.getegid())"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert probe.stdout.split() == [str(nobody), str(nobody)], probe.stderr
+    finally:
+        shutil.rmtree(base)
