@@ -42,6 +42,7 @@ from outbox import Message, Store
 log = logging.getLogger("cockpit_agent")
 
 EX_CONFIG = 78  # sysexits.h; the unit does not restart on it (RestartPreventExitStatus)
+EX_SOFTWARE = 70  # sysexits.h; a thread died: systemd restarts the agent (Restart=on-failure)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # Publishes a response and stores it at its result key in one step. The "delivered" marker
@@ -637,12 +638,16 @@ class Agent:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
+        died = False
         while not self.stop_requested.wait(1.0):
             for thread in self.threads():
                 if not thread.is_alive():
                     log.critical("%s died; stopping so that systemd restarts the agent", thread.name)
+                    died = True
                     self.stop_requested.set()
-        return self.shutdown()
+        code = self.shutdown()
+        # A non-zero exit is what makes Restart=on-failure restart us; 0 would mean "done".
+        return EX_SOFTWARE if died and code == 0 else code
 
     def _close_service(self) -> None:
         """Stop the notifier and the metrics endpoint."""

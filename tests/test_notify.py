@@ -189,3 +189,27 @@ def test_a_wedged_thread_stops_the_pings_until_it_moves_again(notify_socket, run
     release.set()
     listener.wait(lambda m: m.get("WATCHDOG") == "1", what="pings to resume", since=mark)
     assert notify.unhealthy(agent) == []
+
+
+def test_a_dead_thread_ends_run_with_a_failure_code_so_systemd_restarts(agent_env, config_from):
+    """Restart=on-failure restarts only on a non-zero exit: a dead thread must not end in 0."""
+    import signal
+
+    from agent import EX_SOFTWARE, Agent
+
+    agent = Agent(config_from(agent_env))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def kill_a_worker():
+        wait_for(agent.redis_connected.is_set, 15, message="the agent to subscribe")
+        agent.pool.workers[1].stop.set()
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    try:
+        assert agent.run() == EX_SOFTWARE
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+        killer.join(5)
+    assert not agent.pool.workers[1].is_alive()
