@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv redis-server test fuzz demo run lint clean
+.PHONY: venv tools test fuzz demo run lint clean install uninstall
 
 venv: $(VENV)/.installed
 
@@ -14,10 +14,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # The tests and the demo start their own redis-server processes and read the state with the
-# sqlite3 shell, as operators do; install what is missing (Debian package names).
-SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 git:git openssl:openssl
+# sqlite3 shell, as operators do; the TLS tests make certificates with openssl and the unit's
+# hardening test runs systemd-analyze. Install what is missing (Debian package names).
+SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 git:git openssl:openssl systemd-analyze:systemd
 
-redis-server:
+tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -25,7 +26,7 @@ redis-server:
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: venv redis-server
+test: venv tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Long property-based runs: N examples per property (make test runs a few thousand in all).
@@ -34,11 +35,23 @@ fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz EXAMPLES=$(EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 \
 		--hypothesis-show-statistics $(PYTEST_ARGS)
 
-demo: venv redis-server
+demo: venv tools
 	$(BIN)/python scripts/demo.py
 
 run: venv
 	$(BIN)/python agent.py run
+
+# As root on a Debian/Ubuntu host: user, app and venv in /opt/cockpit-agent, agent.env (kept if
+# present), state dir, unit, `cockpit-agent` command, daemon-reload + enable. Safe to repeat.
+# DESTDIR=/some/dir stages it all there instead (no user, chown or systemctl); INSTALL_VENV=0
+# skips the venv. The venv uses the system python3, not a developer's pyenv or .venv.
+INSTALL_PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
+install:
+	DESTDIR="$(DESTDIR)" PYTHON="$(INSTALL_PYTHON)" INSTALL_VENV="$(or $(INSTALL_VENV),1)" sh scripts/install.sh
+
+# Removes the app, unit and command; keeps /var/lib/cockpit-agent and /etc/cockpit-agent unless PURGE=1.
+uninstall:
+	DESTDIR="$(DESTDIR)" PURGE="$(or $(PURGE),0)" sh scripts/uninstall.sh
 
 lint: venv
 	$(BIN)/ruff check .

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import queue
 import random
 import signal
@@ -30,17 +29,21 @@ from typing import Any
 
 import redis
 
+import logs
 import protocol
 from audit import Audit
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
 from handlers.base import monotonic_ms
+from handlers.loader import registry_with_dir
+from notify import Notifier
 from outbox import Message, Store
 
 log = logging.getLogger("cockpit_agent")
 
 EX_CONFIG = 78  # sysexits.h; the unit does not restart on it (RestartPreventExitStatus)
+EX_SOFTWARE = 70  # sysexits.h; a thread died: systemd restarts the agent (Restart=on-failure)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # Publishes a response and stores it at its result key in one step. The "delivered" marker
@@ -441,6 +444,8 @@ class Worker(Loop):
                 if self.agent.force_stop.wait(backoff.next()):
                     return
         self.agent.count_executed()
+        if self.agent.metrics is not None:
+            self.agent.metrics.command_done(job.command, result.status, elapsed)
         self.agent.outbox_wake.set()
         self.agent.audit.command(job.command_id, job.sender, job.command, job.params, result.status, elapsed, result.error)
         self.log.info(
@@ -566,6 +571,12 @@ class Agent:
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)
         self.heartbeat = Heartbeat("heartbeat", self)
+        self.notifier = Notifier(self)  # sd_notify: READY, STATUS, WATCHDOG (a no-op outside systemd)
+        self.metrics = None
+        if config.metrics_port:
+            from metrics import Metrics  # prometheus-client only when METRICS_PORT is set
+
+            self.metrics = Metrics(self)
 
     # -- shared helpers -------------------------------------------------------------------------
 
@@ -642,6 +653,9 @@ class Agent:
         self.flusher.start()
         self.heartbeat.start()
         self.listener.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -655,12 +669,22 @@ class Agent:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
+        died = False
         while not self.stop_requested.wait(1.0):
             for thread in self.threads():
                 if not thread.is_alive():
                     log.critical("%s died; stopping so that systemd restarts the agent", thread.name)
+                    died = True
                     self.stop_requested.set()
-        return self.shutdown()
+        code = self.shutdown()
+        # A non-zero exit is what makes Restart=on-failure restart us; 0 would mean "done".
+        return EX_SOFTWARE if died and code == 0 else code
+
+    def _close_service(self) -> None:
+        """Stop the notifier and the metrics endpoint."""
+        self.notifier.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _wait(self, condition, timeout: float) -> bool:
         """Wait for ``condition()`` up to ``timeout`` s, giving up early on a forced stop."""
@@ -673,6 +697,7 @@ class Agent:
 
     def shutdown(self) -> int:
         """Stop taking commands, let running ones finish, flush, say offline."""
+        self.notifier.stopping()
         busy = [w.current.command_id for w in self.pool.workers if w.current is not None]
         log.info("stopping: no new commands; %d running, up to %g s to finish", len(busy), self.config.shutdown_grace)
         self.listener.stop.set()
@@ -684,6 +709,7 @@ class Agent:
             log.warning("grace period over: interrupted %d running commands", killed)
             self._wait(lambda: not any(w.is_alive() for w in self.pool.workers), 5.0)
         if self.force_stop.is_set():
+            self._close_service()
             self.children.kill_all()
             log.warning("second signal: stopping at once; unfinished work stays in %s", self.config.outbox_db)
             return 1
@@ -705,17 +731,16 @@ class Agent:
             self.heartbeat.beat("offline")
         except Exception as exc:
             log.warning("could not write status=offline: %s", exc)
+        self._close_service()
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0
 
 
 def setup_logging(config: Config | None, level: str = "INFO") -> None:
-    """Readable lines on stderr; under journald, without a second timestamp."""
+    """Readable lines (or JSON, LOG_FORMAT=json) on stderr; under journald, without a second timestamp."""
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(logs.formatter(config.log_format if config else "text"))
     if config is not None:
         handler.addFilter(RedactSecrets(secrets_of(config)))
     root = logging.getLogger()
@@ -724,22 +749,38 @@ def setup_logging(config: Config | None, level: str = "INFO") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``agent.py [run]``."""
+    """The command line: ``agent.py [run]`` runs the agent; the operator commands are in cli.py."""
+    import cli
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", default=argparse.SUPPRESS,
+                        help="read variables from this file (default: $COCKPIT_AGENT_ENV_FILE or ./.env)")
     parser = argparse.ArgumentParser(
         prog="cockpit-agent",
         description="Run whitelisted commands published by the Cockpit backend over Redis.",
+        epilog=cli.EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
     )
-    sub = parser.add_subparsers(dest="cmd")
-    sub.add_parser("run", help="run the agent in the foreground (the default)")
-    parser.add_argument("--env-file", help="read variables from this file (default: ./.env)")
+    parser.add_argument("--version", action="version", version=f"cockpit-agent {VERSION}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.add_parser("run", help="run the agent in the foreground (the default)", parents=[common],
+                   description="Run the agent in the foreground, configured by the environment (and .env).")
+    cli.add_commands(sub, common)
     args = parser.parse_args(argv)
+    args.env_file = getattr(args, "env_file", None)
+    if args.cmd not in (None, "run"):
+        return cli.run(args)
     try:
         config = load(args.env_file)
     except ConfigError as exc:
         print(f"cockpit-agent: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(config)
-    return Agent(config).run()
+    try:
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=args.env_file)
+    except ConfigError as exc:
+        log.critical("configuration error: %s", exc)
+        return EX_CONFIG
+    return Agent(config, registry).run()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ class Config:
     git_bin: str = "git"
     docker_bin: str = "docker"
     log_level: str = "INFO"
+    # Service integration (issue 5): log format, metrics endpoint, extra handlers, watchdog.
+    log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    handlers_dir: str | None = None
+    stall_seconds: int = 60
 
     @property
     def command_channel(self) -> str:
@@ -373,6 +379,14 @@ def load(env_file: str | None = None) -> Config:
     if synchronous not in ("NORMAL", "FULL"):
         raise ConfigError(f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
 
+    log_format = (r.str("LOG_FORMAT") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT: expected text or json, got {log_format!r}")
+    metrics_port = r.int("METRICS_PORT", 0, 0, 65535) or None
+    handlers_dir = r.str("HANDLERS_DIR")
+    if handlers_dir is not None and not os.path.isabs(handlers_dir):
+        raise ConfigError(f"HANDLERS_DIR: expected an absolute path, got {handlers_dir!r}")
+
     shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
     return Config(
         agent_id=agent_id,
@@ -406,6 +420,11 @@ def load(env_file: str | None = None) -> Config:
         git_bin=r.str("GIT_BIN", "git"),
         docker_bin=r.str("DOCKER_BIN", "docker"),
         log_level=log_level,
+        log_format=log_format,
+        metrics_port=metrics_port,
+        metrics_addr=r.str("METRICS_ADDR", "127.0.0.1"),
+        handlers_dir=handlers_dir,
+        stall_seconds=r.int("STALL_SECONDS", 60, 1, 86400),
     )
 
 

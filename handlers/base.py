@@ -81,6 +81,10 @@ class Registry:
             raise ValueError(f"command {handler.name!r} is registered twice")
         self._handlers[handler.name] = handler
 
+    def handlers(self) -> list[Handler]:
+        """The registered handlers, in registration order (to build a registry from another)."""
+        return list(self._handlers.values())
+
     def names(self) -> list[str]:
         """The registered command names, as the registry hash's ``capabilities`` lists them."""
         return sorted(self._handlers)

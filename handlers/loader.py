@@ -1,0 +1,127 @@
+"""Custom commands from ``HANDLERS_DIR`` (e.g. /etc/cockpit-agent/handlers.d), loaded once at start.
+
+A module there runs with the agent's privileges (the docker group: as good as root), so it is
+loaded only if nobody but root could have written it: the directory and the file are owned by
+root, not writable by group or others, and the file is a regular file, not a symlink. Anything
+else stops the agent at start (ConfigError, exit 78) with a line that says how to fix it;
+nothing is ever skipped silently.
+
+A module declares ``HANDLERS = [Handler(...), ...]`` (or a single ``HANDLER``), each with its
+name, params, a ``prepare(params, config)`` that validates and returns an Action with its
+timeout. A name already taken (by a built-in or another module) is an error. A module reads
+its own settings with ``setting(NAME)``: the environment first, then the agent's .env file,
+exactly like the agent's own variables.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import stat
+import sys
+
+from errors import ConfigError
+from handlers.base import Handler, Registry
+
+log = logging.getLogger("cockpit_agent.handlers")
+
+MODULE_PREFIX = "cockpit_agent_handlers_d"
+
+# The agent's .env values, for ``setting``; filled by ``registry_with_dir`` before modules load.
+_env_file_values: dict[str, str] = {}
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+    """A setting for a HANDLERS_DIR module: the environment first, then the agent's .env file."""
+    value = os.environ.get(name)
+    if value in (None, ""):
+        value = _env_file_values.get(name)
+    return default if value in (None, "") else value
+
+
+def env_file_values(env_file: str | None) -> dict[str, str]:
+    """The variables in the .env file the agent reads (same choice of file as ``config.load``)."""
+    from dotenv import dotenv_values
+
+    path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
+    if not os.path.isfile(path):
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def check_safe(path: str, kind: str, root_uid: int = 0) -> os.stat_result:
+    """Refuse ``path`` unless it is root's and not writable by group or others; no symlinks."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"HANDLERS_DIR: {path} is a symlink; put the {kind} itself there (symlinks are refused)")
+    if st.st_uid != root_uid:
+        raise ConfigError(
+            f"HANDLERS_DIR: {path} is owned by uid {st.st_uid}, not root; fix with: chown root:root {path}"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"HANDLERS_DIR: {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"fix with: chmod go-w {path}"
+        )
+    return st
+
+
+def _import(path: str) -> object:
+    name = f"{MODULE_PREFIX}.{os.path.splitext(os.path.basename(path))[0]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"HANDLERS_DIR: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it, as a normal import does (dataclasses need it)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"HANDLERS_DIR: {path} failed to load: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def load_dir(directory: str, root_uid: int = 0) -> list[Handler]:
+    """The Handlers declared by the ``*.py`` modules in ``directory``, in file-name order."""
+    if not os.path.isdir(directory):
+        raise ConfigError(f"HANDLERS_DIR: {directory} is not a directory")
+    check_safe(directory, "directory", root_uid)
+    found: list[Handler] = []
+    for entry in sorted(os.listdir(directory)):
+        if not entry.endswith(".py") or entry.startswith((".", "_")):
+            continue
+        path = os.path.join(directory, entry)
+        st = check_safe(path, "file", root_uid)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"HANDLERS_DIR: {path} is not a regular file")
+        module = _import(path)
+        declared = getattr(module, "HANDLERS", None)
+        if declared is None and hasattr(module, "HANDLER"):
+            declared = [module.HANDLER]
+        if not declared:
+            raise ConfigError(f"HANDLERS_DIR: {path} declares no HANDLERS (a list of handlers.base.Handler)")
+        for handler in declared:
+            if not isinstance(handler, Handler):
+                raise ConfigError(f"HANDLERS_DIR: {path} declares {handler!r}, which is not a handlers.base.Handler")
+            found.append(handler)
+        log.info("loaded %s from %s", ", ".join(h.name for h in declared), path)
+    return found
+
+
+def registry_with_dir(base: Registry, directory: str | None, root_uid: int = 0,
+                      env_file: str | None = None) -> Registry:
+    """``base`` plus the handlers in ``directory`` (``base`` itself when there is none)."""
+    if not directory:
+        return base
+    _env_file_values.clear()
+    _env_file_values.update(env_file_values(env_file))
+    registry = Registry(base.handlers())
+    for handler in load_dir(directory, root_uid):
+        try:
+            registry.add(handler)
+        except ValueError as exc:
+            raise ConfigError(f"HANDLERS_DIR: {exc}; each command name may be declared once") from None
+    return registry

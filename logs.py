@@ -1,0 +1,82 @@
+"""Log formats: readable lines by default, one JSON object per line with ``LOG_FORMAT=json``.
+
+Under journald the journal already stamps every line with the time, the unit and the PID,
+so the agent leaves its own timestamp out and prefixes each line with a syslog priority
+(``<3>``), which journald turns into the entry's PRIORITY (``journalctl -p warning`` works).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+# syslog priorities for Python's levels (sd-daemon.h's SD_ERR, SD_WARNING, ...).
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def under_journald(stream_fd: int = 2) -> bool:
+    """True when ``stream_fd`` is the journal stream systemd gave us (``$JOURNAL_STREAM``).
+
+    The variable is inherited by children too, so it counts only when its device:inode is
+    the stream we actually write to (sd_journal_stream_fd's documented check).
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream_fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a Python log level."""
+    for level in sorted(_PRIORITY, reverse=True):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-28 13:00:00,000 INFO cockpit_agent.worker-1: ...``; under journald ``<6>INFO ...``."""
+
+    def __init__(self, journald: bool = False):
+        fmt = "%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.journald:
+            # journald reads one prefix per line; keep a traceback's lines at the same priority.
+            prefix = f"<{priority(record.levelno)}>"
+            text = "\n".join(prefix + line for line in text.split("\n"))
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (unless journald stamps it), level, logger, message, exc."""
+
+    def __init__(self, journald: bool = False):
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict = {}
+        if not self.journald:
+            entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
+                f".{int(record.msecs):03d}Z"
+        entry.update(level=record.levelname, logger=record.name, message=record.getMessage(),
+                     thread=record.threadName)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        text = json.dumps(entry, ensure_ascii=False, default=str)
+        return f"<{priority(record.levelno)}>{text}" if self.journald else text
+
+
+def formatter(log_format: str = "text", journald: bool | None = None) -> logging.Formatter:
+    """The formatter for ``LOG_FORMAT`` (``text`` or ``json``), journald-aware."""
+    journald = under_journald() if journald is None else journald
+    return JsonFormatter(journald) if log_format == "json" else TextFormatter(journald)

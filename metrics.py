@@ -1,0 +1,102 @@
+"""The Prometheus endpoint (``METRICS_PORT``; off by default).
+
+Counters and the duration histogram are updated by the workers as commands finish; the
+gauges (outbox and queue depth, Redis connected, heartbeat age) are read at scrape time, so
+they are never stale. Each Agent has its own CollectorRegistry, so several agents in one
+process (the tests) do not share numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+from config import VERSION
+from notify import connect_read_only
+
+if TYPE_CHECKING:
+    from agent import Agent
+
+log = logging.getLogger("cockpit_agent.metrics")
+
+# Seconds: echo answers in microseconds, git pulls take seconds, docker restarts up to a minute.
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Gauges:
+    """Reads the agent's live state at scrape time."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def outbox_depth(self) -> float:
+        # A short-lived connection per scrape: the scrape runs on the HTTP server's thread,
+        # and a Store belongs to the thread that opened it.
+        try:
+            db = connect_read_only(self.agent.config.outbox_db)
+            try:
+                return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return math.nan
+
+    def collect(self):
+        agent = self.agent
+        yield InfoMetricFamily("cockpit_agent", "The agent's version and id.",
+                               value={"version": VERSION, "agent_id": agent.config.agent_id})
+        yield GaugeMetricFamily("cockpit_agent_outbox_depth", "Messages waiting in the outbox to be published.",
+                                value=self.outbox_depth())
+        yield GaugeMetricFamily("cockpit_agent_queue_depth", "Accepted commands waiting for a worker.",
+                                value=agent.queue.qsize())
+        yield GaugeMetricFamily("cockpit_agent_redis_connected", "1 while the command subscription is up.",
+                                value=1 if agent.redis_connected.is_set() else 0)
+        last = agent.last_heartbeat
+        yield GaugeMetricFamily(
+            "cockpit_agent_heartbeat_age_seconds",
+            "Seconds since the last successful heartbeat (NaN before the first).",
+            value=math.nan if last is None else max(0.0, time.time() - last),
+        )
+
+
+class Metrics:
+    """The agent's metrics and, once started, the HTTP endpoint that serves them."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.commands = Counter("cockpit_agent_commands", "Commands run, by command and status.",
+                                ["command", "status"], registry=self.registry)
+        self.duration = Histogram("cockpit_agent_command_duration_seconds", "How long commands took to run.",
+                                  ["command"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_Gauges(agent))
+        self.server = None
+
+    def command_done(self, command: str, status: str, elapsed_ms: int) -> None:
+        """Count one finished command (called by the worker that ran it)."""
+        self.commands.labels(command, status).inc()
+        self.duration.labels(command).observe(elapsed_ms / 1000)
+
+    def start(self) -> None:
+        """Serve ``/metrics`` on METRICS_ADDR:METRICS_PORT; a port in use is logged, not fatal."""
+        config = self.agent.config
+        try:
+            self.server, _ = start_http_server(config.metrics_port, config.metrics_addr, self.registry)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%s: %s; running without them",
+                      config.metrics_addr, config.metrics_port, exc)
+            return
+        log.info("metrics on http://%s:%s/metrics", config.metrics_addr, config.metrics_port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
