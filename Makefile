@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv redis-server test demo run lint clean
+.PHONY: venv redis-server test demo run lint clean bench bench-profile
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,18 @@ demo: venv redis-server
 
 run: venv
 	$(BIN)/python agent.py run
+
+# Agent vs a bare redis-py responder, side by side; under 5 minutes. BENCH_ARGS="--idle 10" etc.
+bench: venv redis-server $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The same, with py-spy flame graphs of the agent during echo and burst in bench/results/profile/.
+bench-profile: venv redis-server $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py --profile bench/results/profile $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .
