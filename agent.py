@@ -331,6 +331,9 @@ class WorkerPool:
     def __init__(self, agent: Agent):
         self.agent = agent
         self._take_lock = threading.Lock()
+        # Guards _lanes on its own: ``done`` must not wait for _take_lock, which an idle worker
+        # holds while it blocks on the queue (a Lock is not fair; done() could starve for seconds).
+        self._lanes_lock = threading.Lock()
         self._lanes: dict[str, deque[Job]] = {}
         self.workers = [Worker(f"worker-{i + 1}", agent, self) for i in range(agent.config.worker_count)]
         self.draining = threading.Event()
@@ -350,10 +353,11 @@ class WorkerPool:
                 target = job.action.target
                 if target is None:
                     return job
-                if target in self._lanes:
-                    self._lanes[target].append(job)
-                    continue
-                self._lanes[target] = deque()
+                with self._lanes_lock:
+                    if target in self._lanes:
+                        self._lanes[target].append(job)
+                        continue
+                    self._lanes[target] = deque()
                 return job
         return None
 
@@ -362,7 +366,7 @@ class WorkerPool:
         target = job.action.target
         if target is None:
             return None
-        with self._take_lock:
+        with self._lanes_lock:
             lane = self._lanes[target]
             if lane and not self.draining.is_set():
                 return lane.popleft()
