@@ -190,14 +190,15 @@ class Intake:
             self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
             response, message = self.agent.error_answer(cmd.command_id, str(exc))
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
+            if accepted.new:
+                self.agent.outbox_wake.set()  # the refusal waits in the outbox
         else:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
+                # Nothing for the flusher yet: the worker wakes it once the response is written.
                 self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
-        if accepted.new:
-            self.agent.outbox_wake.set()
-        else:
+        if not accepted.new:
             self._duplicate(accepted.row)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
