@@ -193,6 +193,9 @@ class Intake:
             if accepted.new:
                 self.agent.outbox_wake.set()  # the refusal waits in the outbox
         else:
+            if action.argv is None:
+                self._answer_now(cmd, action)
+                return
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
@@ -200,6 +203,24 @@ class Intake:
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
+
+    def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
+        """A command that runs nothing (echo) is answered on arrival, without a worker.
+
+        It is recorded done, with its response in the outbox, in the one transaction that
+        accepts it: nothing ran that a crash could interrupt, and the health check is answered
+        even while every worker is busy with a long git_pull.
+        """
+        result = execute(action)
+        response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
+        accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
+                                     output=result.full_output)
+        if not accepted.new:
+            self._duplicate(accepted.row)
+            return
+        self.agent.count_executed()
+        self.agent.outbox_wake.set()
+        self.log.info("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
         if rejected.command_id is None:

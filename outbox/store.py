@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,22 @@ from typing import Any
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SCHEMA_VERSION = 1
+
+# One lock per database file, shared by every Store of this process. SQLite lets one writer
+# in at a time and makes the others poll with sleeps of 1, 2, 5, 10... ms (busy_timeout);
+# with a listener, four workers and a flusher writing, those sleeps were most of a command's
+# latency. Queuing on a Python lock instead wakes the next writer the moment the last one
+# commits. busy_timeout still covers writers in other processes (the sqlite3 shell).
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    if path == ":memory:":
+        return threading.Lock()
+    key = os.path.realpath(path)
+    with _write_locks_guard:
+        return _write_locks.setdefault(key, threading.Lock())
 
 
 class State(str, Enum):
@@ -83,6 +100,7 @@ class Store:
         # isolation_level=None: no implicit transactions; writes that belong together use
         # ``immediate`` (BEGIN IMMEDIATE ... COMMIT), everything else autocommits.
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, factory=Database)
+        self._write_lock = _write_lock(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit is in the WAL file before commit() returns, so it
         # survives the agent being killed (SIGKILL, OOM killer, a crash); only an OS crash or
@@ -100,15 +118,19 @@ class Store:
 
     @contextmanager
     def immediate(self) -> Iterator[None]:
-        """A write transaction that takes the write lock up front (no upgrade deadlocks)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.rollback()
-            raise
-        else:
-            self.db.commit()
+        """A write transaction that takes the write lock up front (no upgrade deadlocks).
+
+        Every write of this process goes through here, one at a time (see ``_write_lock``).
+        """
+        with self._write_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.rollback()
+                raise
+            else:
+                self.db.commit()
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -118,12 +140,14 @@ class Store:
         command: str,
         params: dict[str, Any],
         sender: str | None = None,
-        refusal: tuple[dict[str, Any], Message] | None = None,
+        answer: tuple[dict[str, Any], Message] | None = None,
+        output: str | None = None,
     ) -> Accepted:
         """Record a command before it is queued; a known command_id is not recorded again.
 
-        With ``refusal`` (the error response and its message) the command is recorded as
-        already done and its answer queued for publishing, in the same transaction.
+        With ``answer`` (the response and its message: a refusal, or the answer of a command
+        that runs nothing) the command is recorded as already done, with ``output`` as its full
+        output, and its answer queued for publishing, in the same transaction.
         """
         now = time.time()
         with self.immediate():
@@ -138,13 +162,15 @@ class Store:
                 "state": State.QUEUED.value,
                 "received_at": now,
             }
-            if refusal is not None:
-                response, message = refusal
+            if answer is not None:
+                response, message = answer
                 row.update(
-                    state=State.DONE.value, status=response["status"], error=response["error"],
+                    state=State.DONE.value, status=response["status"], output=output, error=response["error"],
                     execution_time_ms=response["execution_time_ms"], finished_at=now,
                     response=message.payload,
                 )
+                if response["status"] == "success":
+                    row["started_at"] = now  # it ran (counts in commands_executed)
                 self._enqueue(message, now)
             self.db.execute(
                 f"INSERT INTO commands ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
@@ -158,10 +184,11 @@ class Store:
 
     def claim(self, command_id: str) -> bool:
         """Move a queued command to running; False if it is not queued (never run it then)."""
-        cursor = self.db.execute(
-            "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
-            [time.time(), command_id],
-        )
+        with self.immediate():
+            cursor = self.db.execute(
+                "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
+                [time.time(), command_id],
+            )
         return cursor.rowcount == 1
 
     def finish(
@@ -244,4 +271,5 @@ class Store:
 
     def retry_all_now(self) -> int:
         """Make every waiting message due now (Redis is back; no reason to wait out a backoff)."""
-        return self.db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0").rowcount
+        with self.immediate():
+            return self.db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0").rowcount

@@ -97,3 +97,22 @@ def test_store_query_and_autocommit(tmp_path):
     assert seen.is_set()
     other.close()
     store.close()
+
+
+def test_echo_is_answered_while_every_worker_is_busy(running_agent, make_backend, fake_docker):
+    """echo runs nothing, so it is recorded done and answered on arrival, not behind a worker."""
+    fake_docker.behave("sleep 3")
+    agent = running_agent(WORKER_COUNT=1)
+    backend = make_backend(agent.config.agent_id)
+    busy = backend.send("docker_restart", {"container_name": "grafana"})
+    wait_for(lambda: agent.pool.workers[0].current is not None, 5, message="the worker to be busy")
+    t0 = time.monotonic()
+    response = backend.call("echo", {"message": "still here"}, timeout=2.5)
+    assert response["output"] == "still here" and response["status"] == "success"
+    assert time.monotonic() - t0 < 1.0
+    assert backend.responses_for(busy) == []
+    store = agent.open_store()
+    row = store.get(response["command_id"])
+    store.close()
+    assert row["state"] == "done" and row["output"] == "still here" and row["started_at"] is not None
+    assert backend.wait(busy, 10)["status"] == "success"
