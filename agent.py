@@ -157,6 +157,41 @@ class Intake:
     def __init__(self, agent: Agent, store: Store, client: redis.Redis):
         self.agent, self.config, self.store, self.client = agent, agent.config, store, client
         self.log = logging.getLogger("cockpit_agent.intake")
+        self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
+        self._answered = 0
+
+    def handle_many(self, batch: list[bytes]) -> None:
+        """Accept messages that arrived together in one transaction (one commit, not one each).
+
+        Jobs are queued only once the group is committed, so a worker never looks for a row
+        that is not there yet. If anything in the group fails, nothing of it is kept and each
+        message is handled again on its own, with the usual per-message error handling.
+        """
+        if len(batch) > 1:
+            self._deferred, self._answered = [], 0
+            try:
+                with self.store.immediate():
+                    for data in batch:
+                        self._handle(data)
+            except Exception as exc:
+                self.log.warning("a group of %d messages failed (%s); handling them one by one", len(batch), exc)
+            else:
+                for job in self._deferred:
+                    self.agent.queue.put(job)
+                for _ in range(self._answered):
+                    self.agent.count_executed()
+                self.agent.outbox_wake.set()
+                return
+            finally:
+                self._deferred = None
+        for data in batch:
+            self.handle(data)
+
+    def _queue(self, job: Job) -> None:
+        if self._deferred is not None:
+            self._deferred.append(job)
+        else:
+            self.agent.queue.put(job)
 
     def handle(self, data: bytes) -> None:
         """Accept one message; never raises, so one bad message cannot stop the listener."""
@@ -179,9 +214,10 @@ class Intake:
         if existing is not None:
             self._duplicate(existing)
             return
-        if self.agent.queue.qsize() >= self.config.queue_max:
-            self.log.warning("%s: refused, %d commands already queued", cmd.command_id, self.agent.queue.qsize())
-            self._answer(cmd.command_id, f"busy: {self.agent.queue.qsize()} commands are already waiting "
+        waiting = self.agent.queue.qsize() + len(self._deferred or ())
+        if waiting >= self.config.queue_max:
+            self.log.warning("%s: refused, %d commands already queued", cmd.command_id, waiting)
+            self._answer(cmd.command_id, f"busy: {waiting} commands are already waiting "
                          f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
             return
         try:
@@ -199,7 +235,7 @@ class Intake:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
-                self.agent.queue.put(Job(cmd.command_id, cmd.command, action, cmd.sender))
+                self._queue(Job(cmd.command_id, cmd.command, action, cmd.sender))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
@@ -218,9 +254,12 @@ class Intake:
         if not accepted.new:
             self._duplicate(accepted.row)
             return
-        self.agent.count_executed()
-        self.agent.outbox_wake.set()
         self.log.info("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
+        if self._deferred is not None:
+            self._answered += 1
+        else:
+            self.agent.count_executed()
+        self.agent.outbox_wake.set()
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
         if rejected.command_id is None:
@@ -281,6 +320,7 @@ class Listener(Loop):
     """Subscribes to the command channel and hands every message to the Intake."""
 
     liveness_message = b"cockpit-agent-liveness"
+    group_max = 200  # messages accepted in one transaction, at most
 
     def setup(self) -> None:
         self.client = self.config.redis_client()
@@ -325,7 +365,15 @@ class Listener(Loop):
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
             if message["type"] == "message":
-                self.intake.handle(message["data"])
+                batch = [message["data"]]
+                # What else has already arrived is accepted with it, in one transaction.
+                while len(batch) < self.group_max:
+                    more = self.pubsub.get_message(timeout=0)
+                    if more is None:
+                        break
+                    if more["type"] == "message":
+                        batch.append(more["data"])
+                self.intake.handle_many(batch)
         self._check_liveness(now)
 
     def _check_liveness(self, now: float) -> None:

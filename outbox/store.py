@@ -101,6 +101,7 @@ class Store:
         # ``immediate`` (BEGIN IMMEDIATE ... COMMIT), everything else autocommits.
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, factory=Database)
         self._write_lock = _write_lock(path)
+        self._depth = 0  # nesting of immediate()
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit is in the WAL file before commit() returns, so it
         # survives the agent being killed (SIGKILL, OOM killer, a crash); only an OS crash or
@@ -121,9 +122,18 @@ class Store:
         """A write transaction that takes the write lock up front (no upgrade deadlocks).
 
         Every write of this process goes through here, one at a time (see ``_write_lock``).
+        Nested, it joins the outer transaction: all of it is committed or rolled back at once.
         """
+        if self._depth:  # inside a group (Intake.handle_many): join its transaction
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         with self._write_lock:
             self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield
             except BaseException:
@@ -131,6 +141,8 @@ class Store:
                 raise
             else:
                 self.db.commit()
+            finally:
+                self._depth = 0
 
     # -- commands -------------------------------------------------------------------------------
 
