@@ -118,3 +118,14 @@ def test_echo_is_answered_while_every_worker_is_busy(running_agent, make_backend
     store.close()
     assert row["state"] == "done" and row["output"] == "still here" and row["started_at"] is not None
     assert backend.wait(busy, 10)["status"] == "success"
+
+
+def test_responses_survive_a_flushed_script_cache(running_agent, make_backend, redis_server):
+    """The flusher calls EVALSHA directly; after SCRIPT FLUSH (or a Redis restart) it reloads it."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    assert backend.call("echo", {"message": "one"})["output"] == "one"
+    redis_server.client().script_flush()
+    assert backend.call("echo", {"message": "two"}, timeout=5)["output"] == "two"
+    assert len(backend.responses) == 2
+    assert wait_for(lambda: agent.open_store().counts()["outbox"] == 0)
