@@ -103,6 +103,10 @@ class Loop(threading.Thread):
         """One unit of work; waits with ``self.stop.wait`` or an event, never ``time.sleep``."""
         raise NotImplementedError
 
+    def pause(self, delay: float) -> None:
+        """Wait ``delay`` s after a failed iteration (a Loop may also end it early)."""
+        self.stop.wait(delay)
+
     def on_error(self, exc: Exception) -> None:
         """Log a failed iteration: Redis outages once per outage, anything else in full."""
         if isinstance(exc, REDIS_DOWN):
@@ -126,7 +130,7 @@ class Loop(threading.Thread):
                 self.on_error(exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                self.stop.wait(self.backoff.next())
+                self.pause(self.backoff.next())
             else:
                 if self.failing_since is not None:
                     self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
@@ -255,12 +259,12 @@ class Intake:
         if not accepted.new:
             self._duplicate(accepted.row)
             return
-        self.log.info("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
         if self._deferred is not None:
             self._answered += 1
         else:
             self.agent.count_executed()
-        self.agent.outbox_wake.set()
+            self.agent.outbox_wake.set()  # before the log line: the response need not wait for it
+        self.log.info("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
         if rejected.command_id is None:
@@ -512,6 +516,11 @@ class Flusher(Loop):
 
     def teardown(self) -> None:
         self.store.close()
+
+    def pause(self, delay: float) -> None:
+        # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
+        # Redis is back, not after the rest of a backoff of up to 5 s.
+        self.agent.outbox_wake.wait(delay)
 
     def loop_once(self) -> None:
         if self.agent.retry_now.is_set():
