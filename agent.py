@@ -264,7 +264,9 @@ class Intake:
         else:
             self.agent.count_executed()
             self.agent.outbox_wake.set()  # before the log line: the response need not wait for it
-        self.log.info("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
+        # DEBUG, not INFO: health checks can be frequent, a line each was a quarter of the
+        # listener's time in a burst; the commands table keeps every one of them.
+        self.log.debug("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
         if rejected.command_id is None:

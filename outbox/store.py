@@ -166,31 +166,34 @@ class Store:
         output, and its answer queued for publishing, in the same transaction.
         """
         now = time.time()
-        with self.immediate():
-            existing = self.get(command_id)
-            if existing is not None:
-                return Accepted(False, existing)
-            row: dict[str, Any] = {
-                "command_id": command_id,
-                "command": command,
-                "params": json.dumps(params, separators=(",", ":")),
-                "sender": sender,
-                "state": State.QUEUED.value,
-                "received_at": now,
-            }
-            if answer is not None:
-                response, message = answer
-                row.update(
-                    state=State.DONE.value, status=response["status"], output=output, error=response["error"],
-                    execution_time_ms=response["execution_time_ms"], finished_at=now,
-                    response=message.payload,
-                )
-                if response["status"] == "success":
-                    row["started_at"] = now  # it ran (counts in commands_executed)
-                self._enqueue(message, now)
-            self.db.execute(
-                f"INSERT INTO commands ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+        row: dict[str, Any] = {
+            "command_id": command_id,
+            "command": command,
+            "params": json.dumps(params, separators=(",", ":")),
+            "sender": sender,
+            "state": State.QUEUED.value,
+            "received_at": now,
+        }
+        if answer is not None:
+            response, message = answer
+            row.update(
+                state=State.DONE.value, status=response["status"], output=output, error=response["error"],
+                execution_time_ms=response["execution_time_ms"], finished_at=now,
+                response=message.payload,
             )
+            if response["status"] == "success":
+                row["started_at"] = now  # it ran (counts in commands_executed)
+        with self.immediate():
+            # One statement both checks and records: a known command_id inserts nothing.
+            inserted = self.db.execute(
+                f"INSERT INTO commands ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                "ON CONFLICT (command_id) DO NOTHING",
+                list(row.values()),
+            ).rowcount
+            if not inserted:
+                return Accepted(False, self.get(command_id))
+            if answer is not None:
+                self._enqueue(answer[1], now)
             return Accepted(True, row)
 
     def get(self, command_id: str) -> dict[str, Any] | None:
