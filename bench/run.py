@@ -36,6 +36,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench-password-5b2e"
 RESULTS = ROOT / "bench" / "results"
+# py-spy output: "flamegraph" (an SVG to open in a browser) or "raw" (collapsed stacks, greppable)
+PROFILE_FORMAT = os.environ.get("BENCH_PROFILE_FORMAT", "flamegraph")
 
 TARGETS = {
     "echo_p50_ratio": ("<=", 1.2, "echo p50 <= 1.2 x bare"),
@@ -418,6 +420,35 @@ def scenario_catchup(agent: Subject, bare: Subject, n: int, outage: float) -> di
     return {"agent": result, "bare": floor}
 
 
+def scenario_commit(base: Path, n: int) -> dict:
+    """What one write transaction costs at each ``synchronous`` level, in this process.
+
+    The agent's own Store: accept (the command and its answer, one commit), then deliver
+    (one more). OFF is shown for comparison only; the agent never uses it.
+    """
+    sys.path.insert(0, str(ROOT))
+    from outbox import Message, Store
+
+    out = {}
+    for level in ("OFF", "NORMAL", "FULL"):
+        path = base / f"commit-{level}.db"
+        store = Store(str(path), "FULL" if level == "FULL" else "NORMAL")
+        if level == "OFF":
+            store.db.execute("PRAGMA synchronous=OFF")
+        times = []
+        response = {"status": "success", "error": None, "execution_time_ms": 0}
+        for _ in range(n):
+            command_id = str(uuid.uuid4())
+            message = Message("chan", json.dumps({"command_id": command_id, "output": "ping"}), command_id, "k")
+            t0 = time.perf_counter()
+            store.accept(command_id, "echo", {"message": "ping"}, "cockpit-bench", (response, message), "ping")
+            times.append(time.perf_counter() - t0)
+            store.delivered([row["id"] for row in store.due(10)])
+        store.close()
+        out[level] = {"n": n, "commit_p50_us": pct(times, 50) * 1e6, "commit_p99_us": pct(times, 99) * 1e6}
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -528,12 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=int(os.environ.get("BENCH_BURST", 5000)))
     parser.add_argument("--catchup", type=int, default=int(os.environ.get("BENCH_CATCHUP", 10000)))
     parser.add_argument("--git-pulls", type=int, default=int(os.environ.get("BENCH_GIT_PULLS", 10)))
+    parser.add_argument("--commits", type=int, default=int(os.environ.get("BENCH_COMMITS", 1000)))
     parser.add_argument("--idle", type=float, default=float(os.environ.get("BENCH_IDLE_SECONDS", 60)),
                         help="seconds of the idle CPU window (default 60; BENCH_IDLE_SECONDS)")
     parser.add_argument("--outage", type=float, default=1.0, help="seconds Redis stays down before catch-up")
     parser.add_argument("--no-full", action="store_true", help="skip the OUTBOX_SYNCHRONOUS=FULL agent")
     parser.add_argument("--profile", metavar="DIR", default=os.environ.get("BENCH_PROFILE") or None,
-                        help="record py-spy flame graphs of the agent during echo and burst into DIR")
+                        help="record py-spy flame graphs of the agent during echo+burst and catch-up into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     args = parser.parse_args(argv)
 
@@ -579,13 +611,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"git_pull: {args.git_pulls} pulls per agent and direct")
         results["git_pull"] = scenario_git([s for s in subjects if s.name != "bare"], repos, args.git_pulls)
 
+        log(f"commit: {args.commits} accept transactions per synchronous level")
+        results["commit"] = scenario_commit(base, args.commits)
+
         log(f"idle: {args.idle:g} s")
         results["idle"] = scenario_idle(subjects, args.idle)
 
         log(f"catch-up: {args.catchup} responses waiting, Redis down for {args.outage:g} s")
         results["catchup"] = {}
         for name in agents:
+            if args.profile and name == "agent":
+                profilers = start_profilers(Path(args.profile), [by_name[name]], "catchup")
             c = scenario_catchup(by_name[name], bare, args.catchup, args.outage)
+            stop_profilers(profilers)
+            profilers = []
             results["catchup"][name] = c["agent"]
             if "bare" not in results["catchup"] or c["bare"]["per_s"] > results["catchup"]["bare"]["per_s"]:
                 results["catchup"]["bare"] = c["bare"]
@@ -617,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in agents:
         missed = [v["target"] for v in results["verdicts"][name].values() if not v["met"]]
         print(f"{name}: {'all targets met' if not missed else 'missed: ' + '; '.join(missed)}")
+    c = results["commit"]
+    print("\nSQLite write transaction (accept: command + answer), p50 / p99 us: "
+          + "; ".join(f"{k} {v['commit_p50_us']:.0f} / {v['commit_p99_us']:.0f}" for k, v in c.items())
+          + "  (OFF for comparison only)")
     print(f"\nfigures: {out.relative_to(ROOT)} ({results['duration_s']:.0f} s)")
     return 0
 
@@ -626,9 +669,9 @@ def start_profilers(directory: Path, subjects: list[Subject], label: str) -> lis
     directory.mkdir(parents=True, exist_ok=True)
     procs = []
     for s in subjects:
-        out = directory / f"{s.name}-{label}.svg"
+        out = directory / f"{s.name}-{label}.{'svg' if PROFILE_FORMAT == 'flamegraph' else 'txt'}"
         procs.append(subprocess.Popen([py_spy, "record", "--pid", str(s.proc.pid), "--rate", "250", "--threads",
-                                       "--format", "flamegraph", "--output", str(out)],
+                                       "--format", PROFILE_FORMAT, "--output", str(out)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         log(f"profiling {s.name} into {out}")
     time.sleep(0.5)
