@@ -129,3 +129,36 @@ def test_responses_survive_a_flushed_script_cache(running_agent, make_backend, r
     assert backend.call("echo", {"message": "two"}, timeout=5)["output"] == "two"
     assert len(backend.responses) == 2
     assert wait_for(lambda: agent.open_store().counts()["outbox"] == 0)
+
+
+def test_a_failing_group_is_handled_one_by_one(running_agent, make_backend):
+    """If one message breaks its group's transaction, the others are still accepted, once each."""
+    import json
+
+    agent = running_agent()
+    real = agent.registry
+
+    class Breaks:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def prepare(self, command, params, config):
+            if params.get("message") == "boom":
+                raise RuntimeError("boom")
+            return real.prepare(command, params, config)
+
+    agent.registry = Breaks()
+    backend = make_backend(agent.config.agent_id)
+    messages = [backend.message("echo", {"message": "boom" if i == 20 else f"m{i}"}) for i in range(60)]
+    pipe = backend.server.client().pipeline(transaction=False)
+    for message in messages:
+        pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message))
+    pipe.execute()
+    wait_for(lambda: len(backend.responses) >= 59, 20, message="59 responses")
+    time.sleep(0.3)
+    answered = [r["command_id"] for r in backend.responses]
+    assert len(answered) == len(set(answered)) == 59
+    assert messages[20]["command_id"] not in answered
+    store = agent.open_store()
+    assert store.counts()["done"] == 59
+    store.close()
