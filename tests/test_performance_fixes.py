@@ -162,3 +162,38 @@ def test_a_failing_group_is_handled_one_by_one(running_agent, make_backend):
     store = agent.open_store()
     assert store.counts()["done"] == 59
     store.close()
+
+
+def test_sigkill_during_a_burst_loses_no_accepted_command(agent_process, agent_env, redis_server, make_backend):
+    """kill -9 in the middle of a burst (group commits, echo answered on arrival, git_status in
+    workers): after a restart every command the agent accepted is answered exactly once."""
+    import json
+    import sqlite3
+
+    agent = agent_process().start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(agent_env["AGENT_ID"])
+    client = redis_server.client()
+    messages = [backend.message("git_status" if i % 50 == 0 else "echo", {} if i % 50 == 0 else {"message": f"m{i}"})
+                for i in range(3000)]
+    pipe = client.pipeline(transaction=False)
+    for message in messages:
+        pipe.publish(f"cockpit-agent:{agent_env['AGENT_ID']}", json.dumps(message))
+    pipe.execute()
+    wait_for(lambda: len(backend.responses) >= 200, 30, message="the burst to be under way")
+    agent.kill()
+
+    agent = agent_process().start()
+    agent.wait_subscribed(redis_server)
+    db = sqlite3.connect(agent_env["OUTBOX_DB"])
+    accepted = {row[0] for row in db.execute("SELECT command_id FROM commands")}
+    assert len(accepted) >= 200
+    wait_for(lambda: {r["command_id"] for r in backend.responses} >= accepted, 60,
+             message="a response to every accepted command")
+    time.sleep(0.5)
+    answered = [r["command_id"] for r in backend.responses]
+    assert len(answered) == len(set(answered)), "a command was answered twice"
+    assert set(answered) <= {m["command_id"] for m in messages}
+    assert db.execute("SELECT count(*) FROM commands WHERE state != 'done'").fetchone()[0] == 0
+    db.close()
+    agent.terminate()
