@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz demo run lint clean install uninstall
+.PHONY: venv tools test fuzz demo run lint clean install uninstall bench bench-profile
 
 venv: $(VENV)/.installed
 
@@ -52,6 +52,18 @@ install:
 # Removes the app, unit and command; keeps /var/lib/cockpit-agent and /etc/cockpit-agent unless PURGE=1.
 uninstall:
 	DESTDIR="$(DESTDIR)" PURGE="$(or $(PURGE),0)" sh scripts/uninstall.sh
+
+# Agent vs a bare redis-py responder, side by side; under 5 minutes. BENCH_ARGS="--idle 10" etc.
+bench: venv tools $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The same, with py-spy flame graphs of the agent during echo and burst in bench/results/profile/.
+bench-profile: venv tools $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py --profile bench/results/profile $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .

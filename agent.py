@@ -13,6 +13,7 @@ Each thread is a small Loop; SIGTERM/SIGINT only set a flag that the main thread
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import queue
@@ -106,6 +107,10 @@ class Loop(threading.Thread):
         """One unit of work; waits with ``self.stop.wait`` or an event, never ``time.sleep``."""
         raise NotImplementedError
 
+    def pause(self, delay: float) -> None:
+        """Wait ``delay`` s after a failed iteration (a Loop may also end it early)."""
+        self.stop.wait(delay)
+
     def on_error(self, exc: Exception) -> None:
         """Log a failed iteration: Redis outages once per outage, anything else in full."""
         if isinstance(exc, REDIS_DOWN):
@@ -132,7 +137,7 @@ class Loop(threading.Thread):
                 self.on_error(exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                self.stop.wait(self.backoff.next())
+                self.pause(self.backoff.next())
             else:
                 if self.failing_since is not None:
                     self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
@@ -165,6 +170,41 @@ class Intake:
     def __init__(self, agent: Agent, store: Store, client: redis.Redis):
         self.agent, self.config, self.store, self.client = agent, agent.config, store, client
         self.log = logging.getLogger("cockpit_agent.intake")
+        self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
+        self._answered = 0
+
+    def handle_many(self, batch: list[bytes]) -> None:
+        """Accept messages that arrived together in one transaction (one commit, not one each).
+
+        Jobs are queued only once the group is committed, so a worker never looks for a row
+        that is not there yet. If anything in the group fails, nothing of it is kept and each
+        message is handled again on its own, with the usual per-message error handling.
+        """
+        if len(batch) > 1:
+            self._deferred, self._answered = [], 0
+            try:
+                with self.store.immediate():
+                    for data in batch:
+                        self._handle(data)
+            except Exception as exc:
+                self.log.warning("a group of %d messages failed (%s); handling them one by one", len(batch), exc)
+            else:
+                for job in self._deferred:
+                    self.agent.pool.submit(job)
+                for _ in range(self._answered):
+                    self.agent.count_executed()
+                self.agent.outbox_wake.set()
+                return
+            finally:
+                self._deferred = None
+        for data in batch:
+            self.handle(data)
+
+    def _queue(self, job: Job) -> None:
+        if self._deferred is not None:
+            self._deferred.append(job)
+        else:
+            self.agent.pool.submit(job)
 
     def handle(self, data: bytes) -> None:
         """Accept one message; never raises, so one bad message cannot stop the listener."""
@@ -187,7 +227,7 @@ class Intake:
         if existing is not None:
             self._duplicate(existing)
             return
-        waiting = self.agent.pool.pending()
+        waiting = self.agent.pool.pending() + len(self._deferred or ())
         if waiting >= self.config.queue_max:
             self.log.warning("%s: refused, %d commands already waiting", cmd.command_id, waiting)
             self._answer(cmd.command_id, f"busy: {waiting} commands are already waiting "
@@ -201,15 +241,44 @@ class Intake:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
             if accepted.new:
                 self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))
+                self.agent.outbox_wake.set()  # the refusal waits in the outbox
         else:
+            if action.argv is None:
+                self._answer_now(cmd, action)
+                return
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
-                self.agent.pool.submit(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
+                # Nothing for the flusher yet: the worker wakes it once the response is written.
+                self._queue(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
-        if accepted.new:
-            self.agent.outbox_wake.set()
-        else:
+        if not accepted.new:
             self._duplicate(accepted.row)
+
+    def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
+        """A command that runs nothing (echo) is answered on arrival, without a worker.
+
+        It is recorded done, with its response in the outbox, in the one transaction that
+        accepts it: nothing ran that a crash could interrupt, and the health check is answered
+        even while every worker is busy with a long git_pull.
+        """
+        result = execute(action)
+        response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
+        accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
+                                     output=result.full_output)
+        if not accepted.new:
+            self._duplicate(accepted.row)
+            return
+        self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, result.status, 0, result.error)
+        if self.agent.metrics is not None:
+            self.agent.metrics.command_done(cmd.command, result.status, 0)
+        if self._deferred is not None:
+            self._answered += 1
+        else:
+            self.agent.count_executed()
+            self.agent.outbox_wake.set()  # before the log line: the response need not wait for it
+        # DEBUG, not INFO: health checks can be frequent, a line each was a quarter of the
+        # listener's time in a burst; the commands table keeps every one of them.
+        self.log.debug("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
         # Costs the sender nothing, so a flood of these is rate-limited in the log (audit.py).
@@ -274,6 +343,7 @@ class Listener(Loop):
     """Subscribes to the command channel and hands every message to the Intake."""
 
     liveness_message = b"cockpit-agent-liveness"
+    group_max = 200  # messages accepted in one transaction, at most
 
     def setup(self) -> None:
         self.client = self.config.redis_client()
@@ -318,7 +388,15 @@ class Listener(Loop):
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
             if message["type"] == "message":
-                self.intake.handle(message["data"])
+                batch = [message["data"]]
+                # What else has already arrived is accepted with it, in one transaction.
+                while len(batch) < self.group_max:
+                    more = self.pubsub.get_message(timeout=0)
+                    if more is None:
+                        break
+                    if more["type"] == "message":
+                        batch.append(more["data"])
+                self.intake.handle_many(batch)
         self._check_liveness(now)
 
     def _check_liveness(self, now: float) -> None:
@@ -462,10 +540,15 @@ class Flusher(Loop):
     def setup(self) -> None:
         self.store = self.agent.open_store()
         self.client = self.agent.redis
-        self.script = self.client.register_script(PUBLISH_ONCE)
+        self.sha = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
 
     def teardown(self) -> None:
         self.store.close()
+
+    def pause(self, delay: float) -> None:
+        # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
+        # Redis is back, not after the rest of a backoff of up to 5 s.
+        self.agent.outbox_wake.wait(delay)
 
     def loop_once(self) -> None:
         if self.agent.retry_now.is_set():
@@ -484,13 +567,20 @@ class Flusher(Loop):
         """Publish ``rows`` in one pipeline; returns how many were delivered."""
         pipe = self.client.pipeline(transaction=False)
         ttl = self.config.result_ttl
+        # EVALSHA straight away: a pipeline of registered Scripts would first ask SCRIPT EXISTS,
+        # a second round trip on every flush. NOSCRIPT (a restarted Redis) loads it once.
         for row in rows:
             keys = [row["result_key"], row["result_key"] + ":delivered"] if row["result_key"] else []
-            self.script(keys=keys, args=[row["channel"], row["payload"], ttl], client=pipe)
-        results = pipe.execute(raise_on_error=False)
+            pipe.evalsha(self.sha, len(keys), *keys, row["channel"], row["payload"], ttl)
+        pairs = list(zip(rows, pipe.execute(raise_on_error=False)))
+        if any(isinstance(result, redis.exceptions.NoScriptError) for _, result in pairs):
+            # Nothing ran for those: they stay due and go out on the next pass.
+            self.client.script_load(PUBLISH_ONCE)
+            self.agent.outbox_wake.set()
+            pairs = [(row, result) for row, result in pairs if not isinstance(result, redis.exceptions.NoScriptError)]
         now = time.time()
         delivered, retries = [], []
-        for row, result in zip(rows, results):
+        for row, result in pairs:
             if isinstance(result, Exception):
                 if isinstance(result, REDIS_DOWN):
                     raise result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,22 @@ import sqlite_utils
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SCHEMA_VERSION = 1
+
+# One lock per database file, shared by every Store of this process. SQLite lets one writer
+# in at a time and makes the others poll with sleeps of 1, 2, 5, 10... ms (busy_timeout);
+# with a listener, four workers and a flusher writing, those sleeps were most of a command's
+# latency. Queuing on a Python lock instead wakes the next writer the moment the last one
+# commits. busy_timeout still covers writers in other processes (the sqlite3 shell).
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    if path == ":memory:":
+        return threading.Lock()
+    key = os.path.realpath(path)
+    with _write_locks_guard:
+        return _write_locks.setdefault(key, threading.Lock())
 
 
 class State(str, Enum):
@@ -61,15 +78,24 @@ class Store:
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, mode=0o700, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30)
         self.path = path
+        # isolation_level=None: no implicit transactions; writes that belong together use
+        # ``immediate`` (BEGIN IMMEDIATE ... COMMIT), everything else autocommits. The hot
+        # paths use ``db.execute`` (a thin call); ``db.query`` returns rows as dicts.
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self._write_lock = _write_lock(path)
+        self._depth = 0  # nesting of immediate()
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit is in the WAL file before commit() returns, so it
         # survives the agent being killed (SIGKILL, OOM killer, a crash); only an OS crash or
         # power loss can lose the last few commits. FULL adds an fsync per commit for those.
         self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=30000")
+        # 256 KiB of page cache per connection, not the default 2 MiB: six connections write
+        # in turn and each commit elsewhere invalidates this cache anyway, while a full one
+        # (after a catch-up or a scan) stays in the agent's resident memory for good.
+        self.db.execute("PRAGMA cache_size=-256")
         if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             with self.immediate():
                 self.db.executescript(SCHEMA)
@@ -81,15 +107,30 @@ class Store:
 
     @contextmanager
     def immediate(self) -> Iterator[None]:
-        """A write transaction that takes the write lock up front (no upgrade deadlocks)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.rollback()
-            raise
-        else:
-            self.db.commit()
+        """A write transaction that takes the write lock up front (no upgrade deadlocks).
+
+        Every write of this process goes through here, one at a time (see ``_write_lock``).
+        Nested, it joins the outer transaction: all of it is committed or rolled back at once.
+        """
+        if self._depth:  # inside a group (Intake.handle_many): join its transaction
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with self._write_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self.db.rollback()
+                raise
+            else:
+                self.db.commit()
+            finally:
+                self._depth = 0
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -99,35 +140,44 @@ class Store:
         command: str,
         params: dict[str, Any],
         sender: str | None = None,
-        refusal: tuple[dict[str, Any], Message] | None = None,
+        answer: tuple[dict[str, Any], Message] | None = None,
+        output: str | None = None,
     ) -> Accepted:
         """Record a command before it is queued; a known command_id is not recorded again.
 
-        With ``refusal`` (the error response and its message) the command is recorded as
-        already done and its answer queued for publishing, in the same transaction.
+        With ``answer`` (the response and its message: a refusal, or the answer of a command
+        that runs nothing) the command is recorded as already done, with ``output`` as its full
+        output, and its answer queued for publishing, in the same transaction.
         """
         now = time.time()
+        row: dict[str, Any] = {
+            "command_id": command_id,
+            "command": command,
+            "params": json.dumps(params, separators=(",", ":")),
+            "sender": sender,
+            "state": State.QUEUED.value,
+            "received_at": now,
+        }
+        if answer is not None:
+            response, message = answer
+            row.update(
+                state=State.DONE.value, status=response["status"], output=output, error=response["error"],
+                execution_time_ms=response["execution_time_ms"], finished_at=now,
+                response=message.payload,
+            )
+            if response["status"] == "success":
+                row["started_at"] = now  # it ran (counts in commands_executed)
         with self.immediate():
-            existing = self.get(command_id)
-            if existing is not None:
-                return Accepted(False, existing)
-            row: dict[str, Any] = {
-                "command_id": command_id,
-                "command": command,
-                "params": json.dumps(params, separators=(",", ":")),
-                "sender": sender,
-                "state": State.QUEUED.value,
-                "received_at": now,
-            }
-            if refusal is not None:
-                response, message = refusal
-                row.update(
-                    state=State.DONE.value, status=response["status"], error=response["error"],
-                    execution_time_ms=response["execution_time_ms"], finished_at=now,
-                    response=message.payload,
-                )
-                self._enqueue(message, now)
-            self.db["commands"].insert(row)
+            # One statement both checks and records: a known command_id inserts nothing.
+            inserted = self.db.execute(
+                f"INSERT INTO commands ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                "ON CONFLICT (command_id) DO NOTHING",
+                list(row.values()),
+            ).rowcount
+            if not inserted:
+                return Accepted(False, self.get(command_id))
+            if answer is not None:
+                self._enqueue(answer[1], now)
             return Accepted(True, row)
 
     def get(self, command_id: str) -> dict[str, Any] | None:
@@ -137,10 +187,11 @@ class Store:
 
     def claim(self, command_id: str) -> bool:
         """Move a queued command to running; False if it is not queued (never run it then)."""
-        cursor = self.db.execute(
-            "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
-            [time.time(), command_id],
-        )
+        with self.immediate():
+            cursor = self.db.execute(
+                "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
+                [time.time(), command_id],
+            )
         return cursor.rowcount == 1
 
     def finish(
@@ -223,4 +274,5 @@ class Store:
 
     def retry_all_now(self) -> int:
         """Make every waiting message due now (Redis is back; no reason to wait out a backoff)."""
-        return self.db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0").rowcount
+        with self.immediate():
+            return self.db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0").rowcount

@@ -204,7 +204,7 @@ def test_a_handler_that_blows_up_still_gets_an_answer(running_agent, make_backen
     monkeypatch.setattr(agent_module, "execute", broken)
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
-    response = backend.call("echo")
+    response = backend.call("docker_restart")
     assert response["status"] == "error"
-    assert response["error"] == "the agent failed to run echo: RuntimeError: boom"
+    assert response["error"] == "the agent failed to run docker_restart: RuntimeError: boom"
     assert agent.open_store().get(response["command_id"])["state"] == "done"

@@ -93,18 +93,19 @@ def test_agent_sigkilled_with_work_queued_and_running(agent_process, agent_env, 
     backend = make_backend(agent_env["AGENT_ID"])
     running = backend.send("docker_restart")
     wait_for(lambda: fake_docker.calls(), message="the restart to start")
-    queued = [backend.send("echo", {"message": f"m{i}"}) for i in range(3)] + [backend.send("git_status")]
+    queued = [backend.send("git_status") for _ in range(3)]
+    # echo runs nothing, so it is answered on arrival even while the only worker is busy
+    assert backend.call("echo", {"message": "alive"})["output"] == "alive"
     wait_for(lambda: subprocess.run(["sqlite3", env["OUTBOX_DB"], "SELECT count(*) FROM commands WHERE state='queued'"],
-                                    capture_output=True, text=True).stdout.strip() == "4", message="4 queued rows")
+                                    capture_output=True, text=True).stdout.strip() == "3", message="3 queued rows")
     agent.proc.send_signal(signal.SIGKILL)
     agent.proc.wait(10)
     fake_docker.behave("ok")
     agent_process(env).start()
     interrupted = backend.wait(running, 20)
     assert interrupted["status"] == "error" and interrupted["error"].startswith("interrupted:")
-    for i, command_id in enumerate(queued[:3]):
-        assert backend.wait(command_id, 20)["output"] == f"m{i}"
-    assert backend.wait(queued[3], 20)["status"] == "success"
+    for command_id in queued:
+        assert backend.wait(command_id, 20)["status"] == "success"
     wait_for(lambda: outbox_count(env) == 0, 15, message="the outbox to drain")
     for command_id in [running, *queued]:
         assert len(backend.responses_for(command_id)) == 1
