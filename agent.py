@@ -400,8 +400,10 @@ class Worker(Loop):
 
     def run_job(self, job: Job) -> None:
         """Run one Job exactly once and leave its response in the outbox."""
-        if not self.store.claim(job.command_id):
-            self.log.warning("%s: not queued any more; not running it", job.command_id)
+        claimed = self._claim(job.command_id)
+        if not claimed:
+            if claimed is False:
+                self.log.warning("%s: not queued any more; not running it", job.command_id)
             return
         start = time.monotonic()
         result = execute(job.action, self.agent.children)
@@ -424,6 +426,19 @@ class Worker(Loop):
             f": {protocol.preview(result.error, 300)}" if result.error else "",
         )
 
+    def _claim(self, command_id: str) -> bool | None:
+        """Claim the row, retrying while the database cannot be written (a full disk): the job
+        exists only in memory here, so giving up would leave it queued and unanswered until the
+        next start. None when a forced stop interrupts the retries."""
+        backoff = Backoff()
+        while True:
+            try:
+                return self.store.claim(command_id)
+            except sqlite3.Error as exc:
+                self.log.error("%s: cannot mark it running (%s); retrying", command_id, exc)
+                if self.agent.force_stop.wait(backoff.next()):
+                    return None
+
 
 class Flusher(Loop):
     """Publishes the outbox in order, pipelined; waits on an event, not a hot poll."""
@@ -434,22 +449,74 @@ class Flusher(Loop):
         self.store = self.agent.open_store()
         self.client = self.agent.redis
         self.script = self.client.register_script(PUBLISH_ONCE)
-
-    def teardown(self) -> None:
-        self.store.close()
+        # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
+        self.unconfirmed: dict[int, tuple[str | None, float]] = {}
 
     def loop_once(self) -> None:
         if self.agent.retry_now.is_set():
             self.agent.retry_now.clear()
             self.store.retry_all_now()
         self.agent.outbox_wake.clear()
+        self.confirm()
         rows = self.store.due(self.batch)
         if not rows:
             next_due = self.store.next_due()
             wait = 5.0 if next_due is None else min(5.0, max(0.0, next_due - time.time()))
+            if self.unconfirmed:
+                oldest = min(when for _, when in self.unconfirmed.values())
+                wait = min(wait, max(0.05, oldest + self.confirm_after - time.monotonic()))
             self.agent.outbox_wake.wait(wait)
             return
         self.publish(rows)
+
+    # -- confirmation: a PUBLISH is only final once the same Redis answers again afterwards ------
+    #
+    # PUBLISH counts a receiver when the message is queued in that receiver's output buffer; the
+    # buffer is written to its socket after the command, in the same event-loop turn that writes
+    # our reply. A redis-server killed inside that turn (and restarted empty, the delivered marker
+    # and the result key gone with it) leaves a response that no one got, its outbox row already
+    # deleted: chaos runs lost one that way. So a published row is held, not deleted, until a
+    # later round trip (after the replies came back) finds the same run_id: that turn is then
+    # over and the receivers' copies are in their sockets. If the run_id changed, the row is
+    # published again: the worst case is the same response bytes twice (the backend dedupes by
+    # command_id), never none. A crash of the agent meanwhile leaves the row in the outbox; the
+    # delivered marker makes its re-publication a no-op while that Redis lives.
+
+    confirm_after = 0.0  # seconds between the PUBLISH replies and the confirming round trip (tests widen it)
+    hold_seconds = 30.0
+
+    def confirm(self) -> None:
+        """Delete the held rows whose Redis is still the same; publish again those it is not."""
+        now = time.monotonic()
+        ready = [i for i, (_, when) in self.unconfirmed.items() if now - when >= self.confirm_after]
+        if not ready:
+            return
+        run_id = self._run_id(self.client)
+        done, again = [], []
+        for outbox_id in ready:
+            published_on, _ = self.unconfirmed.pop(outbox_id)
+            (done if published_on == run_id else again).append(outbox_id)
+        self.store.delivered(done)
+        if again:
+            self.log.warning("Redis restarted (run_id changed) since %d responses were published; "
+                             "publishing them again", len(again))
+            self.store.due_now(again)
+
+    @staticmethod
+    def _run_id(client) -> str | None:
+        try:
+            return client.info("server").get("run_id")
+        except redis.ResponseError:  # INFO refused (ACL): cannot tell, trust the PUBLISH
+            return None
+
+    def teardown(self) -> None:
+        try:
+            self.confirm_after = 0.0
+            self.confirm()
+        except Exception as exc:
+            self.log.info("%d published responses left unconfirmed (%s); they are sent again at the next start",
+                          len(self.unconfirmed), exc)
+        self.store.close()
 
     def publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish ``rows`` in one pipeline; returns how many were delivered."""
@@ -458,7 +525,12 @@ class Flusher(Loop):
         for row in rows:
             keys = [row["result_key"], row["result_key"] + ":delivered"] if row["result_key"] else []
             self.script(keys=keys, args=[row["channel"], row["payload"], ttl], client=pipe)
+        pipe.info("server")
         results = pipe.execute(raise_on_error=False)
+        info = results.pop()
+        if isinstance(info, REDIS_DOWN):
+            raise info
+        run_id = info.get("run_id") if isinstance(info, dict) else None
         now = time.time()
         delivered, retries = [], []
         for row, result in zip(rows, results):
@@ -479,8 +551,16 @@ class Flusher(Loop):
             else:
                 delay = min(10.0, 0.25 * 2 ** min(row["attempts"], 10))
                 retries.append((row["id"], now + delay / 2 + random.uniform(0, delay / 2)))
-        self.store.delivered(delivered)
+        if run_id is None:  # no way to confirm (INFO refused): a PUBLISH with receivers is final
+            self.store.delivered(delivered)
+        else:
+            self.store.hold(delivered, now + self.hold_seconds)
+            published_at = time.monotonic()
+            for outbox_id in delivered:
+                self.unconfirmed[outbox_id] = (run_id, published_at)
         self.store.unheard(retries, now)
+        if delivered and run_id is not None and self.confirm_after <= 0:
+            self.confirm()
         if delivered:
             self.log.debug("published %d of %d", len(delivered), len(rows))
         return len(delivered)
