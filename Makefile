@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv redis-server test demo run lint clean
+.PHONY: venv redis-server test demo run lint clean chaos
 
 venv: $(VENV)/.installed
 
@@ -35,3 +35,10 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Long chaos runs: `make chaos ITERATIONS=200` (SEED=n replays one schedule). Prints the figures
+# and the seed of any failure.
+ITERATIONS ?= 20
+chaos: venv redis-server
+	CHAOS_ITERATIONS=$(ITERATIONS) $(if $(SEED),CHAOS_SEED=$(SEED)) \
+		$(BIN)/python -m pytest tests/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)
