@@ -290,6 +290,7 @@ class Listener(Loop):
                 raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
         now = time.monotonic()
         self.last_pong = self.last_ping = now
+        self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
         self.log.info("subscribed to %s", self.config.command_channel)
         self.agent.redis_connected.set()
         self.agent.heartbeat_now.set()
@@ -303,8 +304,12 @@ class Listener(Loop):
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
             if message["type"] == "message":
-                self.intake.handle(message["data"])
+                if message["data"].startswith(PROBE_PREFIX):
+                    self._probe_received(message["data"])
+                else:
+                    self.intake.handle(message["data"])
         self._check_liveness(now)
+        self._check_subscription(time.monotonic())
 
     def _check_liveness(self, now: float) -> None:
         """A connection that neither answers nor closes (a frozen server) is torn down."""
@@ -316,9 +321,92 @@ class Listener(Loop):
             self.last_ping = now
 
     def on_error(self, exc: Exception) -> None:
-        self.agent.redis_connected.clear()
+        if self.agent.listener is self:  # an abandoned listener must not speak for its replacement
+            self.agent.redis_connected.clear()
         self._close()
         super().on_error(exc)
+
+    # -- self-check: is the subscription really live? ------------------------------------------
+    #
+    # A PING answered on the subscriber connection proves the connection, not the subscription:
+    # a server that dropped it (or a connection that came back without it) leaves a listener that
+    # answers PINGs and hears nothing. So every few liveness intervals the listener publishes a
+    # probe on its own command channel through the normal client: PUBLISH counting no receiver
+    # means no subscription at all (PUBSUB NUMSUB would say the same); a probe that does not come
+    # back on our own subscription within the deadline means someone else holds it. Either way
+    # the subscription is torn down and made again. Probes are not JSON and never reach the Intake.
+
+    def _check_subscription(self, now: float) -> None:
+        interval = PROBE_EVERY * self.liveness_interval
+        if self.probe_nonce is not None:
+            if now - self.probe_sent_at > self.liveness_interval + self.config.redis_socket_timeout:
+                self.probe_nonce = None
+                raise redis.ConnectionError(
+                    f"subscription to {self.config.command_channel} is not live: "
+                    f"our own probe did not come back within {now - self.probe_sent_at:.0f} s"
+                )
+            return
+        if now - self.probe_sent_at < interval:
+            return
+        nonce = f"{os.getpid()}-{random.getrandbits(64):016x}"
+        self.probe_sent_at, self.probe_nonce = now, nonce
+        receivers = self.client.publish(self.config.command_channel, PROBE_PREFIX + nonce.encode())
+        if receivers == 0:
+            self.probe_nonce = None
+            raise redis.ConnectionError(f"subscription to {self.config.command_channel} is not live: "
+                                        "Redis counts no subscriber on it")
+
+    def _probe_received(self, data: bytes) -> None:
+        if self.probe_nonce is not None and data == PROBE_PREFIX + self.probe_nonce.encode():
+            self.probe_nonce = None
+            self.probe_sent_at = time.monotonic()
+
+    def abandon(self) -> None:
+        """Called from another thread on a stuck listener: stop it and close its sockets, so a
+        blocked read returns and Redis stops counting it as a subscriber."""
+        self.stop.set()
+        pubsub = getattr(self, "pubsub", None)
+        if pubsub is not None and pubsub.connection is not None:
+            try:
+                pubsub.connection.disconnect()
+            except Exception:
+                pass
+
+
+# -- watchdog: a listener that stopped making progress is replaced ----------------------------
+
+PROBE_PREFIX = b"cockpit-agent-probe:"
+PROBE_EVERY = 3  # liveness intervals between two subscription self-checks
+
+
+class Watchdog(Loop):
+    """Replaces a listener thread that stopped looping (blocked in a call that never returns).
+
+    A listener iteration takes at most a few seconds (a 1 s read, a PING, a reconnect bounded
+    by socket timeouts); one silent for LISTENER_STALL_TIMEOUT s is stuck. The stuck thread is
+    told to stop and its sockets are closed; a fresh Listener takes over the subscription.
+    """
+
+    def loop_once(self) -> None:
+        self.check()
+        self.stop.wait(1.0)
+
+    def check(self) -> bool:
+        """Replace the listener if it stalled; True if it did."""
+        listener = self.agent.listener
+        if not listener.is_alive():
+            return False  # not started yet, or stopping; a dead thread is Agent.run's business
+        stalled = time.monotonic() - listener.last_progress
+        if stalled < self.config.listener_stall_timeout:
+            return False
+        self.log.critical("the listener made no progress for %.0f s; replacing it", stalled)
+        listener.abandon()
+        self.agent.redis_connected.clear()
+        replacement = Listener("listener", self.agent)
+        self.agent.listener = replacement
+        replacement.start()
+        self.agent.listeners_replaced += 1
+        return True
 
 
 class WorkerPool:
@@ -620,6 +708,8 @@ class Agent:
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)
         self.heartbeat = Heartbeat("heartbeat", self)
+        self.watchdog = Watchdog("watchdog", self)
+        self.listeners_replaced = 0
 
     # -- shared helpers -------------------------------------------------------------------------
 
@@ -682,7 +772,7 @@ class Agent:
             store.close()
 
     def threads(self) -> list[Loop]:
-        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener]
+        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog]
 
     def start(self) -> None:
         """Recover, then start every thread (workers first, the listener last)."""
@@ -691,6 +781,7 @@ class Agent:
         self.flusher.start()
         self.heartbeat.start()
         self.listener.start()
+        self.watchdog.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -724,6 +815,7 @@ class Agent:
         """Stop taking commands, let running ones finish, flush, say offline."""
         busy = [w.current.command_id for w in self.pool.workers if w.current is not None]
         log.info("stopping: no new commands; %d running, up to %g s to finish", len(busy), self.config.shutdown_grace)
+        self.watchdog.stop.set()
         self.listener.stop.set()
         self.pool.draining.set()
         for worker in self.pool.workers:

@@ -59,6 +59,7 @@ class Config:
     response_retry_seconds: int = 300
     result_ttl: int = 3600
     shutdown_grace: float = 20.0
+    listener_stall_timeout: float = 60.0
     git_bin: str = "git"
     docker_bin: str = "docker"
     log_level: str = "INFO"
@@ -311,6 +312,7 @@ def load(env_file: str | None = None) -> Config:
         response_retry_seconds=r.int("RESPONSE_RETRY_SECONDS", 300, 0),
         result_ttl=r.int("RESULT_TTL", 3600, 1),
         shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
+        listener_stall_timeout=r.float("LISTENER_STALL_TIMEOUT", 60.0, 1.0),
         git_bin=r.str("GIT_BIN", "git"),
         docker_bin=r.str("DOCKER_BIN", "docker"),
         log_level=log_level,
