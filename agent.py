@@ -151,21 +151,32 @@ class Job:
 class Intake:
     """Turns a raw message into a ``commands`` row and a queued Job, or into an error answer.
 
-    Owned by the listener thread (it holds that thread's Store).
+    Owned by the thread that reads the messages (it holds that thread's Store): the listener
+    (``via="pubsub"``) or the stream reader (``via="stream"``).
     """
 
-    def __init__(self, agent: Agent, store: Store, client: redis.Redis):
+    def __init__(self, agent: Agent, store: Store, client: redis.Redis, via: str = "pubsub"):
         self.agent, self.config, self.store, self.client = agent, agent.config, store, client
+        self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
 
-    def handle(self, data: bytes) -> None:
-        """Accept one message; never raises, so one bad message cannot stop the listener."""
+    def handle(self, data: bytes) -> bool:
+        """Accept one message; never raises, so one bad message cannot stop the listener.
+
+        Returns False only for a stream message that could not be written to the database: it
+        stays unacknowledged in the stream and is read again, instead of being refused.
+        """
         try:
             self._handle(data)
         except sqlite3.Error as exc:
+            if self.via == "stream":
+                self.log.error("cannot write %s (%s): the stream entry stays pending and is read again",
+                               self.config.outbox_db, exc)
+                return False
             self._store_failed(data, exc)
         except Exception:
             self.log.exception("could not handle a message of %d bytes", len(data))
+        return True
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -175,11 +186,14 @@ class Intake:
         except protocol.Rejected as rejected:
             self._rejected(rejected, data)
             return
+        if self.via == "stream":
+            self.agent.seen_on_stream(cmd.command_id)
         existing = self.store.get(cmd.command_id)
         if existing is not None:
             self._duplicate(existing)
             return
-        if self.agent.queue.qsize() >= self.config.queue_max:
+        # The stream reader bounds itself (it reads only while the queue has room).
+        if self.via == "pubsub" and self.agent.queue.qsize() >= self.config.queue_max:
             self.log.warning("%s: refused, %d commands already queued", cmd.command_id, self.agent.queue.qsize())
             self._answer(cmd.command_id, f"busy: {self.agent.queue.qsize()} commands are already waiting "
                          f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
@@ -224,6 +238,14 @@ class Intake:
 
     def _duplicate(self, row: dict[str, Any]) -> None:
         command_id = row["command_id"]
+        if self.via == "stream" or self.agent.twin_of_stream(command_id):
+            # The same command by the other path (a backend sending both ways), or a stream entry
+            # read again after a restart: it already has its one response.
+            self.log.info("%s: %s; already %s, no second answer", command_id,
+                          "also delivered by the stream" if self.via == "pubsub"
+                          else "read from the stream but already known (its pub/sub copy, or read again)",
+                          row["state"])
+            return
         if row["state"] != "done":
             self.log.info("%s: seen before and still %s; its response will follow", command_id, row["state"])
             return
@@ -371,6 +393,83 @@ class Listener(Loop):
                 pubsub.connection.disconnect()
             except Exception:
                 pass
+
+
+# -- command stream: commands that wait in Redis while the agent is away (COMMAND_STREAM=on) --
+
+
+class StreamReader(Loop):
+    """Reads the durable command stream ``cockpit-agent-stream:{agent_id}`` with a consumer group.
+
+    An entry is acknowledged (XACK) only once its command is committed to SQLite (or answered
+    without being kept); a crash before that leaves it pending, and pending entries are read
+    again (from ID 0) after every (re)connection. The pub/sub path is unchanged; a command that
+    comes both ways runs once and is answered once (``Intake._duplicate``).
+    """
+
+    batch = 50
+    block_ms = 1000
+
+    def setup(self) -> None:
+        self.client = self.config.redis_client(socket_timeout=self.config.redis_socket_timeout + self.block_ms / 1000)
+        self.store = self.agent.open_store()
+        self.intake = Intake(self.agent, self.store, self.client, via="stream")
+        self.key, self.group, self.consumer = self.config.stream_key, STREAM_GROUP, self.config.agent_id
+        self.reclaim = True  # read our own pending entries first
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def on_error(self, exc: Exception) -> None:
+        self.reclaim = True
+        super().on_error(exc)
+
+    def loop_once(self) -> None:
+        if self.reclaim:
+            self._ensure_group()
+            self._consume("0")
+            self.reclaim = False
+        if self.agent.queue.qsize() >= self.config.queue_max:
+            self.stop.wait(0.2)  # back-pressure: leave the commands in Redis until there is room
+            return
+        self._consume(">")
+
+    def _ensure_group(self) -> None:
+        try:
+            # From ID 0: entries XADDed before the agent ever ran are commands for it too; any
+            # already run are known by command_id and not run again.
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+            self.log.info("created consumer group %s on %s", self.group, self.key)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _consume(self, start: str) -> None:
+        """Read and handle entries; ``0`` re-reads our pending ones (until none are left)."""
+        while not self.stop.is_set():
+            block = None if start == "0" else self.block_ms
+            reply = self.client.xreadgroup(self.group, self.consumer, {self.key: start}, count=self.batch, block=block)
+            entries = reply[0][1] if reply else []
+            if start == "0":
+                if not entries:
+                    return
+                self.log.info("reclaiming %d pending stream entries", len(entries))
+            for entry_id, fields in entries:
+                data = (fields or {}).get(b"message")
+                if not fields:  # pending, but trimmed from the stream (XADD MAXLEN) meanwhile
+                    self.log.warning("pending stream entry %s was trimmed before it was read; acknowledged",
+                                     entry_id.decode())
+                elif data is None:
+                    self.log.warning("stream entry %s has no 'message' field; acknowledged and ignored",
+                                     entry_id.decode())
+                elif not self.intake.handle(data):
+                    raise sqlite3.OperationalError("the database cannot be written; stream entries stay pending")
+                self.client.xack(self.key, self.group, entry_id)
+            if start != "0":
+                return
+
+
+STREAM_GROUP = "cockpit-agent"
 
 
 # -- watchdog: a listener that stopped making progress is replaced ----------------------------
@@ -710,12 +809,31 @@ class Agent:
         self.heartbeat = Heartbeat("heartbeat", self)
         self.watchdog = Watchdog("watchdog", self)
         self.listeners_replaced = 0
+        self.stream_reader = StreamReader("stream", self) if config.command_stream else None
+        self._stream_seen: dict[str, float] = {}
+        self._stream_seen_lock = threading.Lock()
 
     # -- shared helpers -------------------------------------------------------------------------
 
     def open_store(self) -> Store:
         """A new Store for the calling thread."""
         return Store(self.config.outbox_db, self.config.outbox_synchronous)
+
+    # A command_id read from the stream, remembered for a minute: a pub/sub copy of it arriving
+    # meanwhile is the backend's second path, not a retry asking for the response again.
+    twin_window = 60.0
+
+    def seen_on_stream(self, command_id: str) -> None:
+        now = time.monotonic()
+        with self._stream_seen_lock:
+            self._stream_seen[command_id] = now
+            if len(self._stream_seen) > 10000:
+                self._stream_seen = {k: t for k, t in self._stream_seen.items() if now - t < self.twin_window}
+
+    def twin_of_stream(self, command_id: str) -> bool:
+        with self._stream_seen_lock:
+            seen = self._stream_seen.get(command_id)
+        return seen is not None and time.monotonic() - seen < self.twin_window
 
     def count_executed(self) -> None:
         with self._executed_lock:
@@ -772,7 +890,8 @@ class Agent:
             store.close()
 
     def threads(self) -> list[Loop]:
-        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog]
+        optional = [self.stream_reader] if self.stream_reader is not None else []
+        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
 
     def start(self) -> None:
         """Recover, then start every thread (workers first, the listener last)."""
@@ -782,6 +901,8 @@ class Agent:
         self.heartbeat.start()
         self.listener.start()
         self.watchdog.start()
+        if self.stream_reader is not None:
+            self.stream_reader.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -817,6 +938,8 @@ class Agent:
         log.info("stopping: no new commands; %d running, up to %g s to finish", len(busy), self.config.shutdown_grace)
         self.watchdog.stop.set()
         self.listener.stop.set()
+        if self.stream_reader is not None:
+            self.stream_reader.stop.set()
         self.pool.draining.set()
         for worker in self.pool.workers:
             worker.stop.set()
@@ -839,8 +962,9 @@ class Agent:
             thread.stop.set()
         self.outbox_wake.set()
         self.heartbeat_now.set()
-        for thread in (self.flusher, self.heartbeat, self.listener):
-            thread.join(5.0)
+        for thread in (self.flusher, self.heartbeat, self.listener, self.watchdog, self.stream_reader):
+            if thread is not None and thread.is_alive():
+                thread.join(5.0)
         try:
             self.heartbeat.client = self.redis
             self.heartbeat.beat("offline")

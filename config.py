@@ -60,6 +60,7 @@ class Config:
     result_ttl: int = 3600
     shutdown_grace: float = 20.0
     listener_stall_timeout: float = 60.0
+    command_stream: bool = False
     git_bin: str = "git"
     docker_bin: str = "docker"
     log_level: str = "INFO"
@@ -78,6 +79,11 @@ class Config:
     def registry_key(self) -> str:
         """The registry hash the backend reads to see the agent online."""
         return f"agents:{self.agent_id}"
+
+    @property
+    def stream_key(self) -> str:
+        """The durable command stream (read only with COMMAND_STREAM=on)."""
+        return f"cockpit-agent-stream:{self.agent_id}"
 
     def result_key(self, command_id: str) -> str:
         """Where a response is also stored, for a caller that missed it on the channel."""
@@ -313,6 +319,7 @@ def load(env_file: str | None = None) -> Config:
         result_ttl=r.int("RESULT_TTL", 3600, 1),
         shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
         listener_stall_timeout=r.float("LISTENER_STALL_TIMEOUT", 60.0, 1.0),
+        command_stream=r.bool("COMMAND_STREAM", False),
         git_bin=r.str("GIT_BIN", "git"),
         docker_bin=r.str("DOCKER_BIN", "docker"),
         log_level=log_level,
