@@ -512,12 +512,14 @@ class WorkerPool:
     """Hands queued Jobs to workers; Jobs with the same target run one at a time, in order.
 
     Taking a job and claiming its target happen under one lock, so two workers cannot
-    reorder commands for the same repository or container.
+    reorder commands for the same repository or container. The lanes have their own lock, so
+    a worker releasing its target never waits behind idle workers blocked in ``take``.
     """
 
     def __init__(self, agent: Agent):
         self.agent = agent
         self._take_lock = threading.Lock()
+        self._lanes_lock = threading.Lock()
         self._lanes: dict[str, deque[Job]] = {}
         self.workers = [Worker(f"worker-{i + 1}", agent, self) for i in range(agent.config.worker_count)]
         self.draining = threading.Event()
@@ -537,10 +539,11 @@ class WorkerPool:
                 target = job.action.target
                 if target is None:
                     return job
-                if target in self._lanes:
-                    self._lanes[target].append(job)
-                    continue
-                self._lanes[target] = deque()
+                with self._lanes_lock:
+                    if target in self._lanes:
+                        self._lanes[target].append(job)
+                        continue
+                    self._lanes[target] = deque()
                 return job
         return None
 
@@ -549,7 +552,9 @@ class WorkerPool:
         target = job.action.target
         if target is None:
             return None
-        with self._take_lock:
+        # Not _take_lock: idle workers hold it for up to their whole take() timeout, and a
+        # finished job waiting for it left its lane stalled for seconds (one command per ~3 s).
+        with self._lanes_lock:
             lane = self._lanes[target]
             if lane and not self.draining.is_set():
                 return lane.popleft()

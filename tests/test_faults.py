@@ -205,3 +205,23 @@ def test_response_published_just_before_redis_died_is_published_again(running_ag
     wait_for(lambda: agent.open_store().counts()["outbox"] == 0, 20, message="the outbox to drain")
     assert redis_server.client().get(agent.config.result_key(command_id)) is not None
     deaf_pubsub.close()
+
+
+# -- throughput of one lane ---------------------------------------------------------------------
+
+
+def test_commands_for_one_container_follow_each_other_without_stalls(running_agent, make_backend, fake_docker):
+    """Regression: a worker finishing a job waited for the take lock that idle workers hold while
+    they block on the queue, so each next command for the same target started ~3 s late."""
+    agent = running_agent(WORKER_COUNT=4)
+    backend = make_backend(agent.config.agent_id)
+    ids = [backend.send("docker_restart", {"container_name": "grafana"}) for _ in range(8)]
+    started = time.monotonic()
+    for cid in ids:
+        assert backend.wait(cid, 60)["status"] == "success"
+    took = time.monotonic() - started
+    assert len(fake_docker.calls()) == 8
+    assert took < 10, f"8 restarts of one container took {took:.1f} s"
+    finished = [rows(agent.config.outbox_db)[cid] for cid in ids]
+    assert [r["seq"] for r in sorted(finished, key=lambda r: r["started_at"])] == sorted(r["seq"] for r in finished), \
+        "commands for one target must run in arrival order"
