@@ -69,6 +69,8 @@ class RunFigures:
     lost: int = 0
     duplicated: int = 0
     redelivered: int = 0        # the same response bytes twice (Redis died mid-PUBLISH reply)
+    stream: bool = False        # odd seeds: COMMAND_STREAM=on, every command also XADDed
+    stream_kept: int = 0        # XADDed after the last Redis kill: must all have run
     seconds: float = 0.0
     schedule_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -144,7 +146,7 @@ def outbox_count(db: Path) -> int:
 def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
     """One chaos run; returns its figures, with ``problems`` listing every broken promise."""
     rng = random.Random(seed)
-    figures = RunFigures(seed)
+    figures = RunFigures(seed, stream=seed % 2 == 1)
     started = time.monotonic()
     events = plan(rng, STEPS)
     containers = [f"c-{i}" for i in range(events.count("send"))]
@@ -171,6 +173,7 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
         "REDIS_SOCKET_TIMEOUT": "2",
         "SHUTDOWN_GRACE": "5",
         "COCKPIT_AGENT_ENV_FILE": str(tmp_path / "no.env"),
+        "COMMAND_STREAM": "on" if figures.stream else "off",
     }
     agent = AgentProcess(env, tmp_path).start()
     backend = Backend(server, agent_id)
@@ -180,10 +183,12 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
         agent.wait_subscribed(server, 30)
         redis_down_until = agent_down_until = None
         n_git = n_docker = 0
+        epoch = 0  # Redis restarts so far: a restart (no persistence) loses the stream
         for step, event in enumerate(events):
             now = time.monotonic()
             if redis_down_until is not None and now >= redis_down_until:
                 server.start()
+                epoch += 1
                 redis_down_until = None
                 if agent_down_until is None and rng.random() < 0.7:
                     agent.wait_subscribed(server, 30)  # most of the time, let the agent get back first
@@ -221,12 +226,22 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
                         f"cockpit-agent:{agent_id}", json.dumps(message))
                 except (redis.RedisError, OSError):
                     receivers = None
-                sent[message["command_id"]] = {"kind": kind, "key": key, "receivers": receivers}
+                xadded = False
+                if figures.stream:  # the backend uses both paths; the command must still run once
+                    try:
+                        server.client(socket_timeout=2, retry=Retry(NoBackoff(), 0)).xadd(
+                            f"cockpit-agent-stream:{agent_id}", {"message": json.dumps(message)})
+                        xadded = True
+                    except (redis.RedisError, OSError):
+                        pass
+                sent[message["command_id"]] = {"kind": kind, "key": key, "receivers": receivers,
+                                               "xadded": xadded, "epoch": epoch}
             pace(rng, 0.08)
 
         # Everything back up, then wait until every accepted command is answered and the outbox is empty.
         if redis_down_until is not None:
             server.start()
+            epoch += 1
         if agent_down_until is not None:
             agent.start()
         agent.wait_subscribed(server, 30)
@@ -246,7 +261,7 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
             figures.problems.append(str(exc))
         assert agent.terminate(30) == 0, "a graceful stop after the run did not exit 0"
         agent_logs.append(agent.log_path)
-        _check(figures, sent, commands_table(db), backend, server, docker, branches, db, env["AGENT_ID"])
+        _check(figures, sent, commands_table(db), backend, server, docker, branches, db, env["AGENT_ID"], epoch)
     finally:
         backend.close()
         agent.close()
@@ -262,9 +277,15 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _check(figures, sent, table, backend, server, docker, branches, db, agent_id) -> None:
+def _check(figures, sent, table, backend, server, docker, branches, db, agent_id, epoch) -> None:
     problems = figures.problems
     figures.accepted = len(table)
+    for cid, info in sent.items():
+        # A stream entry survives agent kills (it stays pending until committed), not Redis kills.
+        if info["xadded"] and info["epoch"] == epoch:
+            figures.stream_kept += 1
+            if cid not in table:
+                problems.append(f"{cid}: XADDed after the last Redis restart but never accepted")
     for info in sent.values():
         if info["receivers"] is None:
             figures.not_published += 1
@@ -334,7 +355,7 @@ def figures_report(request):
     for f in FIGURES:
         for name in ("published", "not_published", "unheard", "heard_not_accepted", "accepted", "answered",
                      "redis_kills", "agent_kills", "executions", "interrupted", "lost", "duplicated",
-                     "redelivered", "seconds"):
+                     "redelivered", "seconds", "stream_kept"):
             setattr(total, name, getattr(total, name) + getattr(f, name))
     failed = [f.seed for f in FIGURES if f.problems]
     lines = [
@@ -343,6 +364,8 @@ def figures_report(request):
         f"{total.not_published} not published (Redis down), {total.unheard} unheard (no agent subscribed), "
         f"{total.heard_not_accepted} heard by a dying agent, {total.accepted} accepted, {total.answered} answered",
         f"  kills: redis-server SIGKILL {total.redis_kills}, agent SIGKILL {total.agent_kills}",
+        f"  stream runs: {sum(f.stream for f in FIGURES)}, commands XADDed after the last Redis kill "
+        f"(all must run): {total.stream_kept}",
         f"  executions (docker + git): {total.executions}, interrupted answers: {total.interrupted}",
         f"  lost: {total.lost}, duplicated: {total.duplicated}, "
         f"same response redelivered after a Redis kill: {total.redelivered}",
