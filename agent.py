@@ -329,6 +329,9 @@ class Listener(Loop):
                 if message["data"].startswith(PROBE_PREFIX):
                     self._probe_received(message["data"])
                 else:
+                    # A message heard proves the subscription; a probe queued behind a flood of
+                    # commands must not be taken for a lost one (reconnecting would drop some).
+                    self.probe_sent_at, self.probe_nonce = now, None
                     self.intake.handle(message["data"])
         self._check_liveness(now)
         self._check_subscription(time.monotonic())

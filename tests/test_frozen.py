@@ -70,3 +70,25 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
     assert agent.redis_connected.is_set(), "the old thread's exit must not mark the new one disconnected"
     assert agent.listener.is_alive()
+
+
+def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, make_backend):
+    """Commands queued in front of the probe (a slow database) delay it past its deadline; the
+    commands themselves prove the subscription, so the listener must not resubscribe (and drop
+    whatever is published while it does)."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    listener = agent.listener
+    pubsub = listener.pubsub
+    real_handle = listener.intake.handle
+
+    def slow_handle(data):
+        time.sleep(0.4)  # the fault: each message takes 0.4 s to commit
+        return real_handle(data)
+
+    listener.intake.handle = slow_handle
+    listener.probe_sent_at = 0.0  # a probe goes out on the next turn, behind the burst below
+    ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(25)]  # ~10 s of work
+    for cid in ids:
+        assert backend.wait(cid, 60)["status"] == "success"
+    assert agent.listener is listener and listener.pubsub is pubsub, "the listener resubscribed needlessly"
