@@ -247,9 +247,13 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
         agent.wait_subscribed(server, 30)
         assert backend.subscribed.wait(10), "the backend did not resubscribe"
 
+        # Stream entries written since the last Redis restart must all be read (the stream reader
+        # may still be in a backoff when the listener is already back).
+        stream_kept = {cid for cid, info in sent.items() if info["xadded"] and info["epoch"] == epoch}
+
         def settled():
             table = commands_table(db)
-            if any(row["state"] != "done" for row in table.values()):
+            if any(row["state"] != "done" for row in table.values()) or not stream_kept <= set(table):
                 return False
             answered = {cid for cid in table if backend.responses_for(cid)}
             return len(answered) == len(table) and outbox_count(db) == 0
@@ -269,6 +273,7 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
     figures.seconds = time.monotonic() - started
     if figures.problems:
         figures.problems.append("agent logs: " + ", ".join(str(p) for p in agent_logs))
+        (tmp_path / "problems.txt").write_text("\n".join(figures.problems) + "\n")
     return figures
 
 
