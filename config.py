@@ -177,6 +177,7 @@ class Config:
         return (
             f"agent_id={self.agent_id} redis={where} tls={'on' if self.redis_ssl else 'off'} "
             f"signing={'on' if self.shared_secret else 'off'} workers={self.worker_count} "
+            f"stream={'on' if self.command_stream else 'off'} "
             f"outbox={self.outbox_db} repos={','.join(self.git_repo_paths)} "
             f"containers={','.join(self.docker_containers)}"
         )

@@ -105,3 +105,43 @@ def test_a_command_sent_both_ways_runs_once_and_is_answered_once(running_agent, 
     backend.publish(messages[0])
     wait_for(lambda: len(backend.responses_for(messages[0]["command_id"])) == 2, 15)
     assert len(fake_docker.calls()) == 5
+
+
+def test_a_full_disk_leaves_stream_commands_pending_until_they_can_be_kept(tmp_path, agent_env, agent_process,
+                                                                        redis_server, make_backend):
+    import subprocess
+
+    from test_faults import _fill
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        env = {**stream_env(agent_env), "OUTBOX_DB": str(mount / "outbox.db")}
+        agent_id = env["AGENT_ID"]
+        backend = make_backend(agent_id)
+        agent = agent_process(env).start()
+        agent.wait_subscribed(redis_server)
+        filler = _fill(mount)
+        # Pages SQLite already holds may take a few; then an entry must stay pending, unanswered.
+        waiting = None
+        for i in range(300):
+            message = backend.message("echo", {"message": f"full-{i}"})
+            xadd(redis_server, agent_id, message)
+            if not wait_for(lambda m=message: backend.responses_for(m["command_id"])
+                            or "stream entry stays pending" in agent.log(), 20):
+                continue
+            if not backend.responses_for(message["command_id"]):
+                waiting = message
+                break
+            assert backend.responses_for(message["command_id"])[0]["status"] == "success"
+        assert waiting is not None, "the agent never ran out of space"
+        assert pending(redis_server, agent_id) >= 1
+        filler.unlink()
+        response = backend.wait(waiting["command_id"], 40)
+        assert response["status"] == "success" and response["output"] == waiting["params"]["message"]
+        wait_for(lambda: pending(redis_server, agent_id) == 0, 20, message="the entry acknowledged")
+        assert len(backend.responses_for(waiting["command_id"])) == 1
+        assert agent.terminate() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
