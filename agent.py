@@ -288,6 +288,7 @@ class Listener(Loop):
         self.intake = Intake(self.agent, self.store, self.client)
         self.pubsub: redis.client.PubSub | None = None
         self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
+        self.probes_refused = False
 
     def teardown(self) -> None:
         self._close()
@@ -373,9 +374,16 @@ class Listener(Loop):
             return
         if now - self.probe_sent_at < interval:
             return
+        if self.probes_refused:
+            return
         nonce = f"{os.getpid()}-{random.getrandbits(64):016x}"
         self.probe_sent_at, self.probe_nonce = now, nonce
-        receivers = self.client.publish(self.config.command_channel, PROBE_PREFIX + nonce.encode())
+        try:
+            receivers = self.client.publish(self.config.command_channel, PROBE_PREFIX + nonce.encode())
+        except redis.ResponseError as exc:  # e.g. an ACL without PUBLISH on the command channel
+            self.log.warning("subscription self-check disabled: Redis refused the probe (%s)", exc)
+            self.probes_refused, self.probe_nonce = True, None
+            return
         if receivers == 0:
             self.probe_nonce = None
             raise redis.ConnectionError(f"subscription to {self.config.command_channel} is not live: "

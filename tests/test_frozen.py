@@ -92,3 +92,19 @@ def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, 
     for cid in ids:
         assert backend.wait(cid, 60)["status"] == "success"
     assert agent.listener is listener and listener.pubsub is pubsub, "the listener resubscribed needlessly"
+
+
+def test_probe_refused_by_an_acl_disables_the_self_check_instead_of_reconnecting(redis_server, running_agent,
+                                                                               make_backend):
+    """A Redis user that may not PUBLISH on the command channel (but may subscribe to it)."""
+    # Subscribe to the command channel, publish only on the response channel (a selector).
+    redis_server.client().execute_command(
+        "ACL", "SETUSER", "agent", "on", ">agent-pw-5521", "~*", "&cockpit-agent:*", "+@all", "-publish",
+        "(+publish &cockpit-agent-response:*)")
+    agent = running_agent(REDIS_USERNAME="agent", REDIS_PASSWORD="agent-pw-5521")
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub = agent.listener, agent.listener.pubsub
+    listener.probe_sent_at = 0.0
+    wait_for(lambda: listener.probes_refused, 10, message="the refused probe to be noticed")
+    assert backend.call("echo", {"message": "still served"})["output"] == "still served"
+    assert agent.listener is listener and listener.pubsub is pubsub, "a refused probe must not tear down"
