@@ -513,8 +513,8 @@ class Watchdog(Loop):
         listener.abandon()
         self.agent.redis_connected.clear()
         replacement = Listener("listener", self.agent)
+        replacement.start()  # before it is published: Agent.run stops the agent on a listener not alive
         self.agent.listener = replacement
-        replacement.start()
         self.agent.listeners_replaced += 1
         return True
 
