@@ -88,7 +88,7 @@ def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, 
 
     listener.intake.handle = slow_handle
     listener.probe_sent_at = 0.0  # a probe goes out on the next turn, behind the burst below
-    ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(25)]  # ~10 s of work
+    ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(14)]  # ~5.6 s > the 4 s probe deadline
     for cid in ids:
         assert backend.wait(cid, 60)["status"] == "success"
     assert agent.listener is listener and listener.pubsub is pubsub, "the listener resubscribed needlessly"
