@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz demo run lint clean install uninstall bench bench-profile
+.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile
 
 venv: $(VENV)/.installed
 
@@ -70,3 +70,10 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Long chaos runs: `make chaos ITERATIONS=200` (SEED=n replays one schedule). Prints the figures
+# and the seed of any failure.
+ITERATIONS ?= 20
+chaos: venv tools
+	CHAOS_ITERATIONS=$(ITERATIONS) $(if $(SEED),CHAOS_SEED=$(SEED)) \
+		$(BIN)/python -m pytest tests/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)

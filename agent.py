@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import queue
 import random
 import signal
@@ -164,11 +165,13 @@ class Job:
 class Intake:
     """Turns a raw message into a ``commands`` row and a queued Job, or into an error answer.
 
-    Owned by the listener thread (it holds that thread's Store).
+    Owned by the thread that reads the messages (it holds that thread's Store): the listener
+    (``via="pubsub"``) or the stream reader (``via="stream"``).
     """
 
-    def __init__(self, agent: Agent, store: Store, client: redis.Redis):
+    def __init__(self, agent: Agent, store: Store, client: redis.Redis, via: str = "pubsub"):
         self.agent, self.config, self.store, self.client = agent, agent.config, store, client
+        self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
         self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
         self._answered = 0
@@ -206,14 +209,23 @@ class Intake:
         else:
             self.agent.pool.submit(job)
 
-    def handle(self, data: bytes) -> None:
-        """Accept one message; never raises, so one bad message cannot stop the listener."""
+    def handle(self, data: bytes) -> bool:
+        """Accept one message; never raises, so one bad message cannot stop the listener.
+
+        Returns False only for a stream message that could not be written to the database: it
+        stays unacknowledged in the stream and is read again, instead of being refused.
+        """
         try:
             self._handle(data)
         except sqlite3.Error as exc:
+            if self.via == "stream":
+                self.log.error("cannot write %s (%s): the stream entry stays pending and is read again",
+                               self.config.outbox_db, exc)
+                return False
             self._store_failed(data, exc)
         except Exception:
             self.log.exception("could not handle a message of %d bytes", len(data))
+        return True
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -223,11 +235,14 @@ class Intake:
         except protocol.Rejected as rejected:
             self._rejected(rejected, data)
             return
+        if self.via == "stream":
+            self.agent.seen_on_stream(cmd.command_id)
         existing = self.store.get(cmd.command_id)
         if existing is not None:
             self._duplicate(existing)
             return
-        waiting = self.agent.pool.pending() + len(self._deferred or ())
+        # The stream reader bounds itself (it reads only while the queue has room).
+        waiting = self.agent.pool.pending() + len(self._deferred or ()) if self.via == "pubsub" else 0
         if waiting >= self.config.queue_max:
             self.log.warning("%s: refused, %d commands already waiting", cmd.command_id, waiting)
             self._answer(cmd.command_id, f"busy: {waiting} commands are already waiting "
@@ -308,6 +323,14 @@ class Intake:
 
     def _duplicate(self, row: dict[str, Any]) -> None:
         command_id = row["command_id"]
+        if self.via == "stream" or self.agent.twin_of_stream(command_id):
+            # The same command by the other path (a backend sending both ways), or a stream entry
+            # read again after a restart: it already has its one response.
+            self.log.info("%s: %s; already %s, no second answer", command_id,
+                          "also delivered by the stream" if self.via == "pubsub"
+                          else "read from the stream but already known (its pub/sub copy, or read again)",
+                          row["state"])
+            return
         if row["state"] != "done":
             self.log.info("%s: seen before and still %s; its response will follow", command_id, row["state"])
             return
@@ -351,6 +374,7 @@ class Listener(Loop):
         self.intake = Intake(self.agent, self.store, self.client)
         self.pubsub: redis.client.PubSub | None = None
         self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
+        self.probes_refused = False
 
     def teardown(self) -> None:
         self._close()
@@ -375,6 +399,7 @@ class Listener(Loop):
                 raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
         now = time.monotonic()
         self.last_pong = self.last_ping = now
+        self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
         self.log.info("subscribed to %s", self.config.command_channel)
         self.agent.redis_connected.set()
         self.agent.heartbeat_now.set()
@@ -388,16 +413,27 @@ class Listener(Loop):
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
             if message["type"] == "message":
-                batch = [message["data"]]
                 # What else has already arrived is accepted with it, in one transaction.
+                batch = [message["data"]]
                 while len(batch) < self.group_max:
                     more = self.pubsub.get_message(timeout=0)
                     if more is None:
                         break
                     if more["type"] == "message":
                         batch.append(more["data"])
-                self.intake.handle_many(batch)
+                commands = []
+                for data in batch:
+                    if data.startswith(PROBE_PREFIX):
+                        self._probe_received(data)
+                    else:
+                        commands.append(data)
+                if commands:
+                    # A message heard proves the subscription; a probe queued behind a flood of
+                    # commands must not be taken for a lost one (reconnecting would drop some).
+                    self.probe_sent_at, self.probe_nonce = now, None
+                    self.intake.handle_many(commands)
         self._check_liveness(now)
+        self._check_subscription(time.monotonic())
 
     def _check_liveness(self, now: float) -> None:
         """A connection that neither answers nor closes (a frozen server) is torn down."""
@@ -409,9 +445,176 @@ class Listener(Loop):
             self.last_ping = now
 
     def on_error(self, exc: Exception) -> None:
-        self.agent.redis_connected.clear()
+        if self.agent.listener is self:  # an abandoned listener must not speak for its replacement
+            self.agent.redis_connected.clear()
         self._close()
         super().on_error(exc)
+
+    # -- self-check: is the subscription really live? ------------------------------------------
+    #
+    # A PING answered on the subscriber connection proves the connection, not the subscription:
+    # a server that dropped it (or a connection that came back without it) leaves a listener that
+    # answers PINGs and hears nothing. So every few liveness intervals the listener publishes a
+    # probe on its own command channel through the normal client: PUBLISH counting no receiver
+    # means no subscription at all (PUBSUB NUMSUB would say the same); a probe that does not come
+    # back on our own subscription within the deadline means someone else holds it. Either way
+    # the subscription is torn down and made again. Probes are not JSON and never reach the Intake.
+
+    def _check_subscription(self, now: float) -> None:
+        interval = PROBE_EVERY * self.liveness_interval
+        if self.probe_nonce is not None:
+            if now - self.probe_sent_at > self.liveness_interval + self.config.redis_socket_timeout:
+                self.probe_nonce = None
+                raise redis.ConnectionError(
+                    f"subscription to {self.config.command_channel} is not live: "
+                    f"our own probe did not come back within {now - self.probe_sent_at:.0f} s"
+                )
+            return
+        if now - self.probe_sent_at < interval:
+            return
+        if self.probes_refused:
+            return
+        nonce = f"{os.getpid()}-{random.getrandbits(64):016x}"
+        self.probe_sent_at, self.probe_nonce = now, nonce
+        try:
+            receivers = self.client.publish(self.config.command_channel, PROBE_PREFIX + nonce.encode())
+        except redis.ResponseError as exc:  # e.g. an ACL without PUBLISH on the command channel
+            self.log.warning("subscription self-check disabled: Redis refused the probe (%s)", exc)
+            self.probes_refused, self.probe_nonce = True, None
+            return
+        if receivers == 0:
+            self.probe_nonce = None
+            raise redis.ConnectionError(f"subscription to {self.config.command_channel} is not live: "
+                                        "Redis counts no subscriber on it")
+
+    def _probe_received(self, data: bytes) -> None:
+        if self.probe_nonce is not None and data == PROBE_PREFIX + self.probe_nonce.encode():
+            self.probe_nonce = None
+            self.probe_sent_at = time.monotonic()
+
+    def abandon(self) -> None:
+        """Called from another thread on a stuck listener: stop it and close its sockets, so a
+        blocked read returns and Redis stops counting it as a subscriber."""
+        self.stop.set()
+        pubsub = getattr(self, "pubsub", None)
+        if pubsub is not None and pubsub.connection is not None:
+            try:
+                pubsub.connection.disconnect()
+            except Exception:
+                pass
+
+
+# -- command stream: commands that wait in Redis while the agent is away (COMMAND_STREAM=on) --
+
+
+class StreamReader(Loop):
+    """Reads the durable command stream ``cockpit-agent-stream:{agent_id}`` with a consumer group.
+
+    An entry is acknowledged (XACK) only once its command is committed to SQLite (or answered
+    without being kept); a crash before that leaves it pending, and pending entries are read
+    again (from ID 0) after every (re)connection. The pub/sub path is unchanged; a command that
+    comes both ways runs once and is answered once (``Intake._duplicate``).
+    """
+
+    batch = 50
+    block_ms = 1000
+
+    def setup(self) -> None:
+        self.client = self.config.redis_client(socket_timeout=self.config.redis_socket_timeout + self.block_ms / 1000)
+        self.store = self.agent.open_store()
+        self.intake = Intake(self.agent, self.store, self.client, via="stream")
+        self.key, self.group, self.consumer = self.config.stream_key, STREAM_GROUP, self.config.agent_id
+        self.reclaim = True  # read our own pending entries first
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def on_error(self, exc: Exception) -> None:
+        self.reclaim = True
+        super().on_error(exc)
+
+    def loop_once(self) -> None:
+        if self.reclaim:
+            self._ensure_group()
+            self._consume("0")
+            self.reclaim = False
+        if self.agent.queue.qsize() >= self.config.queue_max:
+            self.stop.wait(0.2)  # back-pressure: leave the commands in Redis until there is room
+            return
+        self._consume(">")
+
+    def _ensure_group(self) -> None:
+        try:
+            # From ID 0: entries XADDed before the agent ever ran are commands for it too; any
+            # already run are known by command_id and not run again.
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+            self.log.info("created consumer group %s on %s", self.group, self.key)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _consume(self, start: str) -> None:
+        """Read and handle entries; ``0`` re-reads our pending ones (until none are left)."""
+        while not self.stop.is_set():
+            block = None if start == "0" else self.block_ms
+            reply = self.client.xreadgroup(self.group, self.consumer, {self.key: start}, count=self.batch, block=block)
+            entries = reply[0][1] if reply else []
+            if start == "0":
+                if not entries:
+                    return
+                self.log.info("reclaiming %d pending stream entries", len(entries))
+            for entry_id, fields in entries:
+                data = (fields or {}).get(b"message")
+                if not fields:  # pending, but trimmed from the stream (XADD MAXLEN) meanwhile
+                    self.log.warning("pending stream entry %s was trimmed before it was read; acknowledged",
+                                     entry_id.decode())
+                elif data is None:
+                    self.log.warning("stream entry %s has no 'message' field; acknowledged and ignored",
+                                     entry_id.decode())
+                elif not self.intake.handle(data):
+                    raise sqlite3.OperationalError("the database cannot be written; stream entries stay pending")
+                self.client.xack(self.key, self.group, entry_id)
+            if start != "0":
+                return
+
+
+STREAM_GROUP = "cockpit-agent"
+
+
+# -- watchdog: a listener that stopped making progress is replaced ----------------------------
+
+PROBE_PREFIX = b"cockpit-agent-probe:"
+PROBE_EVERY = 3  # liveness intervals between two subscription self-checks
+
+
+class Watchdog(Loop):
+    """Replaces a listener thread that stopped looping (blocked in a call that never returns).
+
+    A listener iteration takes at most a few seconds (a 1 s read, a PING, a reconnect bounded
+    by socket timeouts); one silent for LISTENER_STALL_TIMEOUT s is stuck. The stuck thread is
+    told to stop and its sockets are closed; a fresh Listener takes over the subscription.
+    """
+
+    def loop_once(self) -> None:
+        self.check()
+        self.stop.wait(1.0)
+
+    def check(self) -> bool:
+        """Replace the listener if it stalled; True if it did."""
+        listener = self.agent.listener
+        if not listener.is_alive():
+            return False  # not started yet, or stopping; a dead thread is Agent.run's business
+        stalled = time.monotonic() - listener.last_progress
+        if stalled < self.config.listener_stall_timeout:
+            return False
+        self.log.critical("the listener made no progress for %.0f s; replacing it", stalled)
+        listener.abandon()
+        self.agent.redis_connected.clear()
+        replacement = Listener("listener", self.agent)
+        replacement.start()  # before it is published: Agent.run stops the agent on a listener not alive
+        self.agent.listener = replacement
+        self.agent.listeners_replaced += 1
+        return True
 
 
 class WorkerPool:
@@ -500,8 +703,10 @@ class Worker(Loop):
 
     def run_job(self, job: Job) -> None:
         """Run one Job exactly once and leave its response in the outbox."""
-        if not self.store.claim(job.command_id):
-            self.log.warning("%s: not queued any more; not running it", job.command_id)
+        claimed = self._claim(job.command_id)
+        if not claimed:
+            if claimed is False:
+                self.log.warning("%s: not queued any more; not running it", job.command_id)
             return
         start = time.monotonic()
         try:
@@ -531,6 +736,19 @@ class Worker(Loop):
             f": {protocol.preview(result.error, 300)}" if result.error else "",
         )
 
+    def _claim(self, command_id: str) -> bool | None:
+        """Claim the row, retrying while the database cannot be written (a full disk): the job
+        exists only in memory here, so giving up would leave it queued and unanswered until the
+        next start. None when a forced stop interrupts the retries."""
+        backoff = Backoff()
+        while True:
+            try:
+                return self.store.claim(command_id)
+            except sqlite3.Error as exc:
+                self.log.error("%s: cannot mark it running (%s); retrying", command_id, exc)
+                if self.agent.force_stop.wait(backoff.next()):
+                    return None
+
 
 class Flusher(Loop):
     """Publishes the outbox in order, pipelined; waits on an event, not a hot poll."""
@@ -541,9 +759,8 @@ class Flusher(Loop):
         self.store = self.agent.open_store()
         self.client = self.agent.redis
         self.sha = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
-
-    def teardown(self) -> None:
-        self.store.close()
+        # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
+        self.unconfirmed: dict[int, tuple[str | None, float]] = {}
 
     def pause(self, delay: float) -> None:
         # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
@@ -555,13 +772,66 @@ class Flusher(Loop):
             self.agent.retry_now.clear()
             self.store.retry_all_now()
         self.agent.outbox_wake.clear()
+        self.confirm()
         rows = self.store.due(self.batch)
         if not rows:
             next_due = self.store.next_due()
             wait = 5.0 if next_due is None else min(5.0, max(0.0, next_due - time.time()))
+            if self.unconfirmed:
+                oldest = min(when for _, when in self.unconfirmed.values())
+                wait = min(wait, max(0.05, oldest + self.confirm_after - time.monotonic()))
             self.agent.outbox_wake.wait(wait)
             return
         self.publish(rows)
+
+    # -- confirmation: a PUBLISH is only final once the same Redis answers again afterwards ------
+    #
+    # PUBLISH counts a receiver when the message is queued in that receiver's output buffer; the
+    # buffer is written to its socket after the command, in the same event-loop turn that writes
+    # our reply. A redis-server killed inside that turn (and restarted empty, the delivered marker
+    # and the result key gone with it) leaves a response that no one got, its outbox row already
+    # deleted: chaos runs lost one that way. So a published row is held, not deleted, until a
+    # later round trip (after the replies came back) finds the same run_id: that turn is then
+    # over and the receivers' copies are in their sockets. If the run_id changed, the row is
+    # published again: the worst case is the same response bytes twice (the backend dedupes by
+    # command_id), never none. A crash of the agent meanwhile leaves the row in the outbox; the
+    # delivered marker makes its re-publication a no-op while that Redis lives.
+
+    confirm_after = 0.0  # seconds between the PUBLISH replies and the confirming round trip (tests widen it)
+    hold_seconds = 30.0
+
+    def confirm(self) -> None:
+        """Delete the held rows whose Redis is still the same; publish again those it is not."""
+        now = time.monotonic()
+        ready = [i for i, (_, when) in self.unconfirmed.items() if now - when >= self.confirm_after]
+        if not ready:
+            return
+        run_id = self._run_id(self.client)
+        done, again = [], []
+        for outbox_id in ready:
+            published_on, _ = self.unconfirmed.pop(outbox_id)
+            (done if published_on == run_id else again).append(outbox_id)
+        self.store.delivered(done)
+        if again:
+            self.log.warning("Redis restarted (run_id changed) since %d responses were published; "
+                             "publishing them again", len(again))
+            self.store.due_now(again)
+
+    @staticmethod
+    def _run_id(client) -> str | None:
+        try:
+            return client.info("server").get("run_id")
+        except redis.ResponseError:  # INFO refused (ACL): cannot tell, trust the PUBLISH
+            return None
+
+    def teardown(self) -> None:
+        try:
+            self.confirm_after = 0.0
+            self.confirm()
+        except Exception as exc:
+            self.log.info("%d published responses left unconfirmed (%s); they are sent again at the next start",
+                          len(self.unconfirmed), exc)
+        self.store.close()
 
     def publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish ``rows`` in one pipeline; returns how many were delivered."""
@@ -572,7 +842,13 @@ class Flusher(Loop):
         for row in rows:
             keys = [row["result_key"], row["result_key"] + ":delivered"] if row["result_key"] else []
             pipe.evalsha(self.sha, len(keys), *keys, row["channel"], row["payload"], ttl)
-        pairs = list(zip(rows, pipe.execute(raise_on_error=False)))
+        pipe.info("server")
+        results = pipe.execute(raise_on_error=False)
+        info = results.pop()
+        if isinstance(info, REDIS_DOWN):
+            raise info
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        pairs = list(zip(rows, results))
         if any(isinstance(result, redis.exceptions.NoScriptError) for _, result in pairs):
             # Nothing ran for those: they stay due and go out on the next pass.
             self.client.script_load(PUBLISH_ONCE)
@@ -598,8 +874,16 @@ class Flusher(Loop):
             else:
                 delay = min(10.0, 0.25 * 2 ** min(row["attempts"], 10))
                 retries.append((row["id"], now + delay / 2 + random.uniform(0, delay / 2)))
-        self.store.delivered(delivered)
+        if run_id is None:  # no way to confirm (INFO refused): a PUBLISH with receivers is final
+            self.store.delivered(delivered)
+        else:
+            self.store.hold(delivered, now + self.hold_seconds)
+            published_at = time.monotonic()
+            for outbox_id in delivered:
+                self.unconfirmed[outbox_id] = (run_id, published_at)
         self.store.unheard(retries, now)
+        if delivered and run_id is not None and self.confirm_after <= 0:
+            self.confirm()
         if delivered:
             self.log.debug("published %d of %d", len(delivered), len(rows))
         return len(delivered)
@@ -667,12 +951,33 @@ class Agent:
             from metrics import Metrics  # prometheus-client only when METRICS_PORT is set
 
             self.metrics = Metrics(self)
+        self.watchdog = Watchdog("watchdog", self)
+        self.listeners_replaced = 0
+        self.stream_reader = StreamReader("stream", self) if config.command_stream else None
+        self._stream_seen: dict[str, float] = {}
+        self._stream_seen_lock = threading.Lock()
 
     # -- shared helpers -------------------------------------------------------------------------
 
     def open_store(self) -> Store:
         """A new Store for the calling thread."""
         return Store(self.config.outbox_db, self.config.outbox_synchronous)
+
+    # A command_id read from the stream, remembered for a minute: a pub/sub copy of it arriving
+    # meanwhile is the backend's second path, not a retry asking for the response again.
+    twin_window = 60.0
+
+    def seen_on_stream(self, command_id: str) -> None:
+        now = time.monotonic()
+        with self._stream_seen_lock:
+            self._stream_seen[command_id] = now
+            if len(self._stream_seen) > 10000:
+                self._stream_seen = {k: t for k, t in self._stream_seen.items() if now - t < self.twin_window}
+
+    def twin_of_stream(self, command_id: str) -> bool:
+        with self._stream_seen_lock:
+            seen = self._stream_seen.get(command_id)
+        return seen is not None and time.monotonic() - seen < self.twin_window
 
     def count_executed(self) -> None:
         with self._executed_lock:
@@ -734,7 +1039,8 @@ class Agent:
             store.close()
 
     def threads(self) -> list[Loop]:
-        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener]
+        optional = [self.stream_reader] if self.stream_reader is not None else []
+        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
 
     def start(self) -> None:
         """Recover, then start every thread (workers first, the listener last)."""
@@ -746,6 +1052,9 @@ class Agent:
         if self.metrics is not None:
             self.metrics.start()
         self.notifier.start()
+        self.watchdog.start()
+        if self.stream_reader is not None:
+            self.stream_reader.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -790,7 +1099,10 @@ class Agent:
         self.notifier.stopping()
         busy = [w.current.command_id for w in self.pool.workers if w.current is not None]
         log.info("stopping: no new commands; %d running, up to %g s to finish", len(busy), self.config.shutdown_grace)
+        self.watchdog.stop.set()
         self.listener.stop.set()
+        if self.stream_reader is not None:
+            self.stream_reader.stop.set()
         self.pool.draining.set()
         for worker in self.pool.workers:
             worker.stop.set()
@@ -814,8 +1126,9 @@ class Agent:
             thread.stop.set()
         self.outbox_wake.set()
         self.heartbeat_now.set()
-        for thread in (self.flusher, self.heartbeat, self.listener):
-            thread.join(5.0)
+        for thread in (self.flusher, self.heartbeat, self.listener, self.watchdog, self.stream_reader):
+            if thread is not None and thread.is_alive():
+                thread.join(5.0)
         try:
             self.heartbeat.client = self.redis
             self.heartbeat.beat("offline")

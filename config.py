@@ -45,6 +45,9 @@ class Config:
     redis_tls_cert: str | None = None
     redis_tls_key: str | None = None
     redis_socket_timeout: float = 10.0
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     git_repo_paths: tuple[str, ...] = ("/opt/app/config",)
     docker_containers: tuple[str, ...] = ("grafana",)
     heartbeat_interval: int = 30
@@ -60,6 +63,8 @@ class Config:
     response_retry_seconds: int = 300
     result_ttl: int = 3600
     shutdown_grace: float = 20.0
+    listener_stall_timeout: float = 60.0
+    command_stream: bool = False
     git_bin: str = "git"
     docker_bin: str = "docker"
     log_level: str = "INFO"
@@ -84,6 +89,11 @@ class Config:
     def registry_key(self) -> str:
         """The registry hash the backend reads to see the agent online."""
         return f"agents:{self.agent_id}"
+
+    @property
+    def stream_key(self) -> str:
+        """The durable command stream (read only with COMMAND_STREAM=on)."""
+        return f"cockpit-agent-stream:{self.agent_id}"
 
     def result_key(self, command_id: str) -> str:
         """Where a response is also stored, for a caller that missed it on the channel."""
@@ -170,17 +180,45 @@ class Config:
 
         kwargs = self.redis_kwargs()
         kwargs.update(overrides)
+        if self.redis_sentinels:
+            return self._sentinel_client(kwargs)
         url = kwargs.pop("url", None)
         if url:
             return redis.Redis.from_url(url, **kwargs)
         return redis.Redis(**kwargs)
 
+    # -- Redis Sentinel ----------------------------------------------------------------------
+    #
+    # With REDIS_SENTINELS the master's address is asked of the sentinels each time a connection
+    # is made (redis-py's SentinelConnectionPool). A failover breaks the connections to the old
+    # master (killed, or demoted: a write there gets READONLY and the connection is dropped); the
+    # agent's loops reconnect as after any outage and so land on the new master.
+
+    def _sentinel_client(self, kwargs: dict[str, Any]):
+        from redis.sentinel import Sentinel
+
+        for name in ("host", "port", "url"):
+            kwargs.pop(name, None)
+        sentinel_kwargs = {
+            "password": self.redis_sentinel_password,
+            "socket_connect_timeout": kwargs["socket_connect_timeout"],
+            "socket_timeout": min(kwargs["socket_timeout"], 5.0),
+        }
+        if self.redis_ssl:
+            sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl")})
+        sentinel = Sentinel(list(self.redis_sentinels), sentinel_kwargs=sentinel_kwargs)
+        return sentinel.master_for(self.redis_sentinel_master, **kwargs)
+
     def describe(self) -> str:
         """A one-line summary safe for logs (no secrets)."""
         where = _redact_url(self.redis_url) if self.redis_url else f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        if self.redis_sentinels:
+            where = (f"sentinel master {self.redis_sentinel_master} via "
+                     f"{','.join(f'{h}:{p}' for h, p in self.redis_sentinels)}/{self.redis_db}")
         return (
             f"agent_id={self.agent_id} redis={where} tls={'on' if self.redis_ssl else 'off'} "
             f"signing={'on' if self.shared_secret else 'off'} workers={self.worker_count} "
+            f"stream={'on' if self.command_stream else 'off'} "
             f"outbox={self.outbox_db} repos={','.join(self.git_repo_paths)} "
             f"containers={','.join(self.docker_containers)}"
         )
@@ -387,6 +425,15 @@ def load(env_file: str | None = None) -> Config:
     if handlers_dir is not None and not os.path.isabs(handlers_dir):
         raise ConfigError(f"HANDLERS_DIR: expected an absolute path, got {handlers_dir!r}")
 
+    sentinels = tuple(_host_port("REDIS_SENTINELS", item) for item in r.list("REDIS_SENTINELS", ()))
+    sentinel_master = r.str("REDIS_SENTINEL_MASTER")
+    if sentinels and not sentinel_master:
+        raise ConfigError("REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS (the name the sentinels monitor)")
+    if sentinel_master and not sentinels:
+        raise ConfigError("REDIS_SENTINELS: required with REDIS_SENTINEL_MASTER (a host:port list of sentinels)")
+    if sentinels and redis_url:
+        raise ConfigError("REDIS_URL: not allowed together with REDIS_SENTINELS (the sentinels name the master)")
+
     shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
     return Config(
         agent_id=agent_id,
@@ -402,6 +449,9 @@ def load(env_file: str | None = None) -> Config:
         redis_tls_cert=r.file("REDIS_TLS_CERT"),
         redis_tls_key=r.file("REDIS_TLS_KEY"),
         redis_socket_timeout=r.float("REDIS_SOCKET_TIMEOUT", 10.0, 0.1),
+        redis_sentinels=sentinels,
+        redis_sentinel_master=sentinel_master,
+        redis_sentinel_password=r.str("REDIS_SENTINEL_PASSWORD") or password,
         git_repo_paths=repos,
         docker_containers=containers,
         heartbeat_interval=r.int("HEARTBEAT_INTERVAL", 30, 1, 3600),
@@ -417,6 +467,8 @@ def load(env_file: str | None = None) -> Config:
         response_retry_seconds=r.int("RESPONSE_RETRY_SECONDS", 300, 0),
         result_ttl=r.int("RESULT_TTL", 3600, 1),
         shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
+        listener_stall_timeout=r.float("LISTENER_STALL_TIMEOUT", 60.0, 1.0),
+        command_stream=r.bool("COMMAND_STREAM", False),
         git_bin=r.str("GIT_BIN", "git"),
         docker_bin=r.str("DOCKER_BIN", "docker"),
         log_level=log_level,
@@ -428,9 +480,16 @@ def load(env_file: str | None = None) -> Config:
     )
 
 
+def _host_port(name: str, item: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected a comma-separated list of host:port, got {item!r}")
+    return host.strip("[]"), int(port)
+
+
 def secrets_of(config: Config) -> list[str]:
     """The secret strings a log filter must never let through."""
-    found = [config.redis_password, config.shared_secret]
+    found = [config.redis_password, config.shared_secret, config.redis_sentinel_password]
     if config.redis_url:
         found.append(urlsplit(config.redis_url).password)
     return [s for s in found if s]

@@ -272,6 +272,18 @@ class Store:
                     [(when, now, i) for i, when in retries],
                 )
 
+    def hold(self, ids: list[int], until: float) -> None:
+        """Keep published messages out of ``due`` until ``until`` (unix s) while they are confirmed."""
+        if ids:
+            with self.immediate():
+                self.db.conn.executemany("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [(until, i) for i in ids])
+
+    def due_now(self, ids: list[int]) -> None:
+        """Make these messages due at once (their publication was lost with a Redis restart)."""
+        if ids:
+            with self.immediate():
+                self.db.conn.executemany("UPDATE outbox SET next_attempt_at = 0 WHERE id = ?", [(i,) for i in ids])
+
     def retry_all_now(self) -> int:
         """Make every waiting message due now (Redis is back; no reason to wait out a backoff)."""
         with self.immediate():

@@ -1,0 +1,228 @@
+"""Single faults, each injected for real: a flood past QUEUE_MAX, huge output, a command that
+hangs with a grandchild holding its pipe, a full disk under the database, and a Redis that dies
+right after a PUBLISH."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+
+def rows(db: str) -> dict[str, dict]:
+    conn = sqlite3.connect(db, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["command_id"]: dict(r) for r in conn.execute("SELECT * FROM commands")}
+    finally:
+        conn.close()
+
+
+# -- back-pressure and the output cap -----------------------------------------------------------
+
+
+def test_queue_full_answers_busy_at_once_and_runs_the_rest(running_agent, make_backend, fake_docker):
+    fake_docker.behave("sleep 4")
+    agent = running_agent(QUEUE_MAX=2, WORKER_COUNT=1)
+    backend = make_backend(agent.config.agent_id)
+    blocker = backend.send("docker_restart", {"container_name": "grafana"})
+    wait_for(lambda: fake_docker.calls(), 15, message="the blocking docker restart to start")
+    queued = [backend.send("git_status") for _ in range(2)]
+    wait_for(lambda: agent.pool.pending() == 2, 10, message="two commands queued")
+    refused = backend.send("git_status")
+
+    busy = backend.wait(refused, 3)  # answered while the worker is still blocked
+    assert not backend.responses_for(blocker), "the busy answer should not wait for the queue"
+    assert busy["status"] == "error"
+    assert busy["error"].startswith("busy:") and "QUEUE_MAX=2" in busy["error"]
+    assert refused not in rows(agent.config.outbox_db), "a refused command must not be kept"
+
+    assert backend.wait(blocker, 20)["status"] == "success"
+    assert [backend.wait(cid, 20)["status"] for cid in queued] == ["success", "success"]
+    # The refused id was never recorded, so the backend may simply send it again later.
+    backend.send("git_status", command_id=refused)
+    again = wait_for(lambda: backend.responses_for(refused)[1:], 15, message="the resent command's answer")[0]
+    assert again["status"] == "success" and "On branch main" in again["output"]
+
+
+def test_output_is_capped_head_and_tail_with_the_full_output_kept(running_agent, make_backend):
+    agent = running_agent(OUTPUT_LIMIT=256)
+    backend = make_backend(agent.config.agent_id)
+    message = "HEAD-" + "x" * 20000 + "-TAIL"
+    response = backend.call("echo", {"message": message})
+    assert response["status"] == "success"
+    assert response["truncated"] is True and response["output_size"] == len(message)
+    assert response["output"].startswith("HEAD-") and response["output"].endswith("-TAIL")
+    assert len(response["output"]) < 400
+    assert "characters omitted" in response["output"]
+    stored = wait_for(lambda: rows(agent.config.outbox_db)[response["command_id"]]["output"], 10)
+    assert stored == message
+
+    small = backend.call("echo", {"message": "short"})
+    assert small["output"] == "short" and "truncated" not in small
+
+
+# -- timeouts kill the whole process group ------------------------------------------------------
+
+
+def test_timeout_kills_the_grandchild_holding_the_pipe_and_frees_the_worker(
+    tmp_path, running_agent, make_backend, fake_docker
+):
+    pids = tmp_path / "grandchild.pid"
+    hanging = tmp_path / "hanging-docker"
+    # A docker that starts a helper (like git starting ssh) which inherits stdout and outlives it.
+    hanging.write_text(f"""#!{sys.executable}
+import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "300"])  # inherits our stdout/stderr pipes
+open({str(pids)!r}, "w").write(str(child.pid))
+time.sleep(300)
+""")
+    hanging.chmod(0o755)
+    agent = running_agent(DOCKER_BIN=str(hanging), DOCKER_TIMEOUT=1, WORKER_COUNT=1)
+    backend = make_backend(agent.config.agent_id)
+
+    started = time.monotonic()
+    response = backend.call("docker_restart", {"container_name": "grafana"}, timeout=30)
+    took = time.monotonic() - started
+    assert response["status"] == "error"
+    assert "timed out after 1 s (DOCKER_TIMEOUT)" in response["error"]
+    assert took < 15, f"the answer took {took:.1f} s: something still held the pipe"
+
+    grandchild = int(wait_for(lambda: pids.exists() and pids.read_text(), 5))
+    wait_for(lambda: not _alive(grandchild), 10, message="the grandchild to be killed with its group")
+
+    # The only worker is free again: the next command runs at once.
+    fast = backend.call("echo", {"message": "free"}, timeout=10)
+    assert fast["output"] == "free"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a killed process waiting to be reaped by init is gone for our purposes
+
+
+# -- a database that cannot be written ----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (tests run as root, so chmod cannot make a file unwritable; a full disk can)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(mount: Path) -> Path:
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_refuses_new_commands_loudly_and_recovers(tiny_disk, agent_env, agent_process, make_backend,
+                                                            redis_server):
+    env = {**agent_env, "OUTBOX_DB": str(tiny_disk / "outbox.db")}
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(env["AGENT_ID"])
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+
+    filler = _fill(tiny_disk)
+    # Pages SQLite already holds can still take a few commands; every command gets an answer,
+    # and soon the answer is the refusal, not an accepted command it could not keep.
+    answers = []
+    for i in range(300):
+        response = backend.call("echo", {"message": f"full-{i}"}, timeout=20)
+        answers.append(response)
+        if response["status"] == "error":
+            break
+    refused = answers[-1]
+    assert refused["status"] == "error", "the agent kept accepting commands on a full disk"
+    assert "cannot write its database" in refused["error"] and "send it again later" in refused["error"]
+    assert all(a["status"] == "success" for a in answers[:-1])
+    wait_for(lambda: "refusing commands until it is writable" in agent.log(), 10, message="a loud log line")
+    assert "ERROR" in agent.log()
+
+    filler.unlink()
+    # Recovers by itself: no restart, the next command is accepted, run and kept.
+    after = wait_for(lambda: _try(backend, "after"), 30, interval=0.5, message="the agent to accept again")
+    assert after["status"] == "success"
+    table = rows(env["OUTBOX_DB"])
+    assert table[after["command_id"]]["state"] == "done"
+    assert refused["command_id"] not in table
+    assert agent.terminate() == 0
+
+
+def _try(backend, message):
+    response = backend.call("echo", {"message": message}, timeout=20)
+    return response if response["status"] == "success" else None
+
+
+# -- a Redis that dies right after a PUBLISH ----------------------------------------------------
+
+
+def test_response_published_just_before_redis_died_is_published_again(running_agent, redis_server, make_backend):
+    """PUBLISH counted a receiver that never read it (it is the frozen raw socket below), then
+    Redis was killed and came back empty: the response must be published again, not forgotten."""
+    agent = running_agent()
+    agent_id = agent.config.agent_id
+    channel = f"cockpit-agent-response:{agent_id}"
+    # A subscriber that never reads: PUBLISH counts it, nothing is ever consumed.
+    deaf = redis_server.client()
+    deaf_pubsub = deaf.pubsub()
+    deaf_pubsub.subscribe(channel)
+    wait_for(lambda: redis_server.client().pubsub_numsub(channel)[0][1] == 1, 10)
+    agent.flusher.confirm_after = 3.0  # room to kill Redis between the PUBLISH reply and the confirmation
+
+    command_id = "published-then-lost"
+    redis_server.client().publish(f"cockpit-agent:{agent_id}", json.dumps(
+        {"command_id": command_id, "command": "echo", "params": {"message": "again"}}))
+    wait_for(lambda: agent.flusher.unconfirmed, 10, message="the response to be published and held")
+    assert agent.open_store().counts()["outbox"] == 1, "a published response is held until confirmed"
+    redis_server.restart()  # SIGKILL: the delivered marker and the result key are gone
+    backend = make_backend(agent_id)
+
+    response = backend.wait(command_id, 30)
+    assert response["output"] == "again"
+    wait_for(lambda: agent.open_store().counts()["outbox"] == 0, 20, message="the outbox to drain")
+    assert redis_server.client().get(agent.config.result_key(command_id)) is not None
+    deaf_pubsub.close()
+
+
+# -- throughput of one lane ---------------------------------------------------------------------
+
+
+def test_commands_for_one_container_follow_each_other_without_stalls(running_agent, make_backend, fake_docker):
+    """Regression: a worker finishing a job waited for the take lock that idle workers hold while
+    they block on the queue, so each next command for the same target started ~3 s late."""
+    agent = running_agent(WORKER_COUNT=4)
+    backend = make_backend(agent.config.agent_id)
+    ids = [backend.send("docker_restart", {"container_name": "grafana"}) for _ in range(8)]
+    started = time.monotonic()
+    for cid in ids:
+        assert backend.wait(cid, 60)["status"] == "success"
+    took = time.monotonic() - started
+    assert len(fake_docker.calls()) == 8
+    assert took < 10, f"8 restarts of one container took {took:.1f} s"
+    finished = [rows(agent.config.outbox_db)[cid] for cid in ids]
+    assert [r["seq"] for r in sorted(finished, key=lambda r: r["started_at"])] == sorted(r["seq"] for r in finished), \
+        "commands for one target must run in arrival order"

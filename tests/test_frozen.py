@@ -1,0 +1,110 @@
+"""Frozen and half-open connections: a redis-server stopped with SIGSTOP, a subscription that
+Redis dropped while the connection lives on, and a listener thread that stopped looping."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from conftest import wait_for
+
+
+def numsub(server, channel: str) -> int:
+    return server.client().pubsub_numsub(channel)[0][1]
+
+
+def test_sigstopped_redis_is_noticed_and_the_agent_comes_back(running_agent, redis_server, make_backend):
+    agent = running_agent()  # HEARTBEAT_INTERVAL=2, REDIS_SOCKET_TIMEOUT=2 (agent_env)
+    backend = make_backend(agent.config.agent_id)
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+
+    redis_server.pause()
+    try:
+        frozen_at = time.monotonic()
+        # Liveness bound: 2 liveness intervals + the socket timeout (6 s here), plus a loop turn.
+        wait_for(lambda: not agent.redis_connected.is_set(), 20, message="the agent to notice the frozen server")
+        noticed = time.monotonic() - frozen_at
+    finally:
+        redis_server.resume()
+    assert noticed < 15, f"took {noticed:.1f} s to notice a frozen Redis"
+
+    wait_for(agent.redis_connected.is_set, 30, message="the agent to subscribe again")
+    assert backend.call("echo", {"message": "after"}, timeout=30)["output"] == "after"
+    assert numsub(redis_server, agent.config.command_channel) == 1, "one live subscription, no leftover"
+
+
+def test_a_dropped_subscription_on_a_live_connection_is_detected(running_agent, redis_server, make_backend):
+    agent = running_agent()
+    channel = agent.config.command_channel
+    backend = make_backend(agent.config.agent_id)
+    first = agent.listener.pubsub
+    # Fault: the server drops the subscription while the socket stays open and PINGs still work.
+    first.connection.send_command("UNSUBSCRIBE", channel)
+    wait_for(lambda: numsub(redis_server, channel) == 0, 10, message="the subscription to be gone")
+
+    started = time.monotonic()
+    wait_for(lambda: agent.listener.pubsub is not None and agent.listener.pubsub is not first
+             and numsub(redis_server, channel) == 1, 30, message="the listener to notice and subscribe again")
+    # Self-check bound: 3 liveness intervals between probes + one probe deadline (2 + 2 s).
+    assert time.monotonic() - started < 20
+    assert backend.call("echo", {"message": "heard again"}, timeout=20)["output"] == "heard again"
+
+
+def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_backend):
+    agent = running_agent(LISTENER_STALL_TIMEOUT=3)
+    channel = agent.config.command_channel
+    backend = make_backend(agent.config.agent_id)
+    stuck = agent.listener
+    release = threading.Event()
+    # Fault: the listener blocks forever inside a call (as a hung library call would).
+    stuck.intake.handle = lambda data: release.wait(60)
+    backend.send("echo", {"message": "swallowed by the stuck listener"})
+    try:
+        wait_for(lambda: agent.listener is not stuck, 20, message="the watchdog to replace the listener")
+        assert agent.listeners_replaced == 1
+        wait_for(agent.redis_connected.is_set, 15, message="the new listener to subscribe")
+        assert backend.call("echo", {"message": "new listener"}, timeout=20)["output"] == "new listener"
+        assert numsub(redis_server, channel) == 1, "the stuck listener's subscription was closed"
+    finally:
+        release.set()
+    wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
+    assert agent.redis_connected.is_set(), "the old thread's exit must not mark the new one disconnected"
+    assert agent.listener.is_alive()
+
+
+def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, make_backend):
+    """Commands queued in front of the probe (a slow database) delay it past its deadline; the
+    commands themselves prove the subscription, so the listener must not resubscribe (and drop
+    whatever is published while it does)."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    listener = agent.listener
+    pubsub = listener.pubsub
+    real_handle = listener.intake.handle
+
+    def slow_handle(data):
+        time.sleep(0.4)  # the fault: each message takes 0.4 s to commit
+        return real_handle(data)
+
+    listener.intake.handle = slow_handle
+    listener.probe_sent_at = 0.0  # a probe goes out on the next turn, behind the burst below
+    ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(14)]  # ~5.6 s > the 4 s probe deadline
+    for cid in ids:
+        assert backend.wait(cid, 60)["status"] == "success"
+    assert agent.listener is listener and listener.pubsub is pubsub, "the listener resubscribed needlessly"
+
+
+def test_probe_refused_by_an_acl_disables_the_self_check_instead_of_reconnecting(redis_server, running_agent,
+                                                                               make_backend):
+    """A Redis user that may not PUBLISH on the command channel (but may subscribe to it)."""
+    # Subscribe to the command channel, publish only on the response channel (a selector).
+    redis_server.client().execute_command(
+        "ACL", "SETUSER", "agent", "on", ">agent-pw-5521", "~*", "&cockpit-agent:*", "+@all", "-publish",
+        "(+publish &cockpit-agent-response:*)")
+    agent = running_agent(REDIS_USERNAME="agent", REDIS_PASSWORD="agent-pw-5521")
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub = agent.listener, agent.listener.pubsub
+    listener.probe_sent_at = 0.0
+    wait_for(lambda: listener.probes_refused, 10, message="the refused probe to be noticed")
+    assert backend.call("echo", {"message": "still served"})["output"] == "still served"
+    assert agent.listener is listener and listener.pubsub is pubsub, "a refused probe must not tear down"
