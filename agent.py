@@ -408,7 +408,8 @@ class Listener(Loop):
     def loop_once(self) -> None:
         if self.pubsub is None:
             self._subscribe()
-        message = self.pubsub.get_message(timeout=1.0)
+        # Half a second: how long a stop waits for this thread, at two idle wake-ups a second.
+        message = self.pubsub.get_message(timeout=0.5)
         now = time.monotonic()
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
@@ -654,9 +655,15 @@ class WorkerPool:
         if self.draining.is_set():
             return None
         try:
-            return self.agent.queue.get(timeout=timeout)
+            return self.agent.queue.get(timeout=timeout)  # None: drain() woke us
         except queue.Empty:
             return None
+
+    def drain(self) -> None:
+        """Stop handing out Jobs (they stay queued in SQLite) and wake the idle workers now."""
+        self.draining.set()
+        for _ in self.workers:
+            self.agent.queue.put(None)
 
     def done(self, job: Job) -> None:
         """Release ``job``'s target: the next Job waiting for it goes on the queue."""
@@ -927,7 +934,7 @@ class Agent:
     def __init__(self, config: Config, registry: Registry = REGISTRY):
         self.config = config
         self.registry = registry
-        self.queue: queue.Queue[Job] = queue.Queue()
+        self.queue: queue.Queue[Job | None] = queue.Queue()  # None wakes a worker to stop
         self.children = Children()
         self.audit = Audit()
         self.redis = config.redis_client()
@@ -1049,12 +1056,13 @@ class Agent:
         self.flusher.start()
         self.heartbeat.start()
         self.listener.start()
-        if self.metrics is not None:
-            self.metrics.start()
-        self.notifier.start()
         self.watchdog.start()
         if self.stream_reader is not None:
             self.stream_reader.start()
+        # Last: the notifier says READY and judges every thread above, so all must be running.
+        if self.metrics is not None:
+            self.metrics.start()
+        self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -1103,9 +1111,9 @@ class Agent:
         self.listener.stop.set()
         if self.stream_reader is not None:
             self.stream_reader.stop.set()
-        self.pool.draining.set()
         for worker in self.pool.workers:
             worker.stop.set()
+        self.pool.drain()
         if not self._wait(lambda: not any(w.is_alive() for w in self.pool.workers), self.config.shutdown_grace):
             killed = self.children.kill_all()
             log.warning("grace period over: interrupted %d running commands", killed)
