@@ -148,6 +148,8 @@ def main() -> int:
                  "FROM commands ORDER BY seq")
         print(f"sqlite3 {env['OUTBOX_DB']} \"{query}\"")
         db = sqlite3.connect(env["OUTBOX_DB"])
+        # A response leaves the outbox once Redis confirmed it, a moment after it arrived here.
+        wait_for(lambda: db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0, 10, "the outbox to drain")
         for row in db.execute(query):
             print("  " + " | ".join("" if v is None else str(v).replace("\n", " ") for v in row))
         print(f"waiting in outbox: {db.execute('SELECT count(*) FROM outbox').fetchone()[0]}")
