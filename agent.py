@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,7 @@ class Intake:
         self.log = logging.getLogger("cockpit_agent.intake")
         self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
         self._answered = 0
+        self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
 
     def handle_many(self, batch: list[bytes]) -> None:
         """Accept messages that arrived together in one transaction (one commit, not one each).
@@ -184,7 +186,7 @@ class Intake:
         message is handled again on its own, with the usual per-message error handling.
         """
         if len(batch) > 1:
-            self._deferred, self._answered = [], 0
+            self._deferred, self._answered, self._after_commit = [], 0, []
             try:
                 with self.store.immediate():
                     for data in batch:
@@ -197,9 +199,11 @@ class Intake:
                 for _ in range(self._answered):
                     self.agent.count_executed()
                 self.agent.outbox_wake.set()
+                for fn, args in self._after_commit:
+                    fn(*args)
                 return
             finally:
-                self._deferred = None
+                self._deferred = self._after_commit = None
         for data in batch:
             self.handle(data)
 
@@ -241,13 +245,6 @@ class Intake:
         if existing is not None:
             self._duplicate(existing)
             return
-        # The stream reader bounds itself (it reads only while the queue has room).
-        waiting = self.agent.pool.pending() + len(self._deferred or ()) if self.via == "pubsub" else 0
-        if waiting >= self.config.queue_max:
-            self.log.warning("%s: refused, %d commands already waiting", cmd.command_id, waiting)
-            self._answer(cmd.command_id, f"busy: {waiting} commands are already waiting "
-                         f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
-            return
         try:
             action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
         except ValidationError as exc:
@@ -255,11 +252,14 @@ class Intake:
             response, message = self.agent.error_answer(cmd.command_id, str(exc))
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
             if accepted.new:
-                self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))
+                self._later(self.agent.audit.command, cmd.command_id, cmd.sender, cmd.command, cmd.params,
+                            "error", 0, str(exc))
                 self.agent.outbox_wake.set()  # the refusal waits in the outbox
         else:
             if action.argv is None:
                 self._answer_now(cmd, action)
+                return
+            if self._busy(cmd.command_id):
                 return
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
@@ -268,6 +268,31 @@ class Intake:
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
+
+    def _busy(self, command_id: str) -> bool:
+        """Refuse a command that needs a worker when QUEUE_MAX already wait (answered, not kept).
+
+        Only pub/sub: the stream reader bounds itself (it reads only while there is room), and
+        a command that runs nothing (echo) never waits for a worker, so it is never busy.
+        """
+        if self.via != "pubsub":
+            return False
+        waiting = self.agent.pool.pending() + len(self._deferred or ())
+        if waiting < self.config.queue_max:
+            return False
+        self.log.warning("%s: refused, %d commands already waiting", command_id, waiting)
+        self._answer(command_id, f"busy: {waiting} commands are already waiting "
+                     f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
+        return True
+
+    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` now, or, inside a group (handle_many), once the group is committed:
+        a group that rolls back is handled again message by message, and must not have audited
+        or counted anything the first time."""
+        if self._after_commit is not None:
+            self._after_commit.append((fn, args))
+        else:
+            fn(*args)
 
     def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
         """A command that runs nothing (echo) is answered on arrival, without a worker.
@@ -283,9 +308,10 @@ class Intake:
         if not accepted.new:
             self._duplicate(accepted.row)
             return
-        self.agent.audit.command(cmd.command_id, cmd.sender, cmd.command, cmd.params, result.status, 0, result.error)
+        self._later(self.agent.audit.command, cmd.command_id, cmd.sender, cmd.command, cmd.params, result.status, 0,
+                    result.error)
         if self.agent.metrics is not None:
-            self.agent.metrics.command_done(cmd.command, result.status, 0)
+            self._later(self.agent.metrics.command_done, cmd.command, result.status, 0)
         if self._deferred is not None:
             self._answered += 1
         else:
@@ -539,7 +565,7 @@ class StreamReader(Loop):
             self._ensure_group()
             self._consume("0")
             self.reclaim = False
-        if self.agent.queue.qsize() >= self.config.queue_max:
+        if self.agent.pool.pending() >= self.config.queue_max:
             self.stop.wait(0.2)  # back-pressure: leave the commands in Redis until there is room
             return
         self._consume(">")

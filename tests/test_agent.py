@@ -208,3 +208,33 @@ def test_a_handler_that_blows_up_still_gets_an_answer(running_agent, make_backen
     assert response["status"] == "error"
     assert response["error"] == "the agent failed to run docker_restart: RuntimeError: boom"
     assert agent.open_store().get(response["command_id"])["state"] == "done"
+
+
+def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, config_from, monkeypatch):
+    """Messages that arrived together are accepted in one transaction; if it rolls back they are
+    handled one by one, and nothing from the failed attempt may be audited or counted twice."""
+    import json as json_module
+
+    from agent import Agent, Intake
+
+    agent = Agent(config_from(agent_env))  # not started: the intake is driven by hand
+    audited = []
+    monkeypatch.setattr(agent.audit, "command", lambda command_id, *rest: audited.append(command_id))
+    real_prepare = agent.registry.prepare
+
+    def prepare(command, params, config):
+        if command == "git_status":
+            raise RuntimeError("a bug in a handler")
+        return real_prepare(command, params, config)
+
+    monkeypatch.setattr(agent.registry, "prepare", prepare)
+    store = agent.open_store()
+    intake = Intake(agent, store, agent.redis)
+    batch = [json_module.dumps({"command_id": "e1", "command": "echo"}).encode(),
+             json_module.dumps({"command_id": "r1", "command": "reboot"}).encode(),
+             json_module.dumps({"command_id": "g1", "command": "git_status"}).encode()]
+    intake.handle_many(batch)
+    assert sorted(audited) == ["e1", "r1"]  # once each; g1 failed inside the agent and was logged
+    assert agent.executed == 1
+    assert store.get("e1")["state"] == "done" and store.get("g1") is None
+    store.close()

@@ -44,6 +44,11 @@ def test_queue_full_answers_busy_at_once_and_runs_the_rest(running_agent, make_b
     assert busy["status"] == "error"
     assert busy["error"].startswith("busy:") and "QUEUE_MAX=2" in busy["error"]
     assert refused not in rows(agent.config.outbox_db), "a refused command must not be kept"
+    # echo needs no worker: the health check is answered even with the queue full
+    assert backend.call("echo", {"message": "alive"}, timeout=3)["output"] == "alive"
+    # a command with bad parameters gets its real error, not "busy"
+    assert backend.call("docker_restart", {"container_name": "postgres"}, timeout=3)["error"].startswith(
+        "container_name 'postgres' is not whitelisted")
 
     assert backend.wait(blocker, 20)["status"] == "success"
     assert [backend.wait(cid, 20)["status"] for cid in queued] == ["success", "success"]
