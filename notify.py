@@ -151,7 +151,8 @@ class Notifier(threading.Thread):
                 self.send_status()
                 now = time.monotonic()
                 if self.ping_every and now >= next_ping:
-                    problems = unhealthy(self.agent, now)
+                    # While stopping, threads end on purpose: nothing to judge, keep systemd patient.
+                    problems = [] if self.agent.stop_requested.is_set() else unhealthy(self.agent, now)
                     if problems:
                         if not wedged_reported:
                             log.critical("not pinging the watchdog: %s", "; ".join(problems))
@@ -187,12 +188,12 @@ class Notifier(threading.Thread):
         agent = self.agent
         waiting = self.outbox_count()
         waiting_text = "outbox unreadable" if waiting is None else f"{waiting} waiting in outbox"
-        problems = unhealthy(agent)
         if agent.stop_requested.is_set():
-            text = f"stopping; {agent.queue.qsize()} queued; {waiting_text}"
-        elif agent.redis_connected.is_set():
+            return f"stopping; {agent.pool.pending()} queued; {waiting_text}"
+        problems = unhealthy(agent)
+        if agent.redis_connected.is_set():
             self.down_since = None
-            text = f"online; {agent.queue.qsize()} queued; {waiting_text}"
+            text = f"online; {agent.pool.pending()} queued; {waiting_text}"
         else:
             now = time.monotonic()
             if self.down_since is None:
