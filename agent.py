@@ -175,7 +175,6 @@ class Intake:
         self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
         self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
-        self._answered = 0
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
 
     def handle_many(self, batch: list[bytes]) -> None:
@@ -186,7 +185,7 @@ class Intake:
         message is handled again on its own, with the usual per-message error handling.
         """
         if len(batch) > 1:
-            self._deferred, self._answered, self._after_commit = [], 0, []
+            self._deferred, self._after_commit = [], []
             try:
                 with self.store.immediate():
                     for data in batch:
@@ -196,8 +195,6 @@ class Intake:
             else:
                 for job in self._deferred:
                     self.agent.pool.submit(job)
-                for _ in range(self._answered):
-                    self.agent.count_executed()
                 self.agent.outbox_wake.set()
                 for fn, args in self._after_commit:
                     fn(*args)
@@ -312,11 +309,8 @@ class Intake:
                     result.error)
         if self.agent.metrics is not None:
             self._later(self.agent.metrics.command_done, cmd.command, result.status, 0)
-        if self._deferred is not None:
-            self._answered += 1
-        else:
-            self.agent.count_executed()
-            self.agent.outbox_wake.set()  # before the log line: the response need not wait for it
+        self._later(self.agent.count_executed)
+        self._later(self.agent.outbox_wake.set)  # before the log line: the response need not wait for it
         # DEBUG, not INFO: health checks can be frequent, a line each was a quarter of the
         # listener's time in a burst; the commands table keeps every one of them.
         self.log.debug("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
