@@ -62,6 +62,148 @@ end
 return receivers
 """
 
+# Which Redis answered: its run_id, read inside Redis so the client parses 40 characters, not
+# the whole INFO text (redis-py's INFO parser cost more than the PUBLISH). false if INFO is
+# refused (ACL without +info): a PUBLISH with receivers is then taken as final.
+RUN_ID = """
+local info = redis.pcall('INFO', 'server')
+if type(info) ~= 'string' then return false end
+return string.match(info, 'run_id:(%x+)')
+"""
+PUBLISH_ONCE_SHA = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
+RUN_ID_SHA = hashlib.sha1(RUN_ID.encode()).hexdigest()
+
+
+def publish_once_args(message: Message, ttl: int) -> list[Any]:
+    """The EVALSHA arguments of PUBLISH_ONCE for ``message``."""
+    keys = [message.result_key, message.result_key + ":delivered"] if message.result_key else []
+    return [PUBLISH_ONCE_SHA, len(keys), *keys, message.channel, message.payload, ttl]
+
+
+def publish_messages(client: redis.Redis, messages: list[Message], ttl: int,
+                     read_run_id: bool = True) -> tuple[list[Any], str | None]:
+    """PUBLISH ``messages`` (each also SET at its result key) in one round trip, in order.
+
+    Returns each message's result (receivers, -1 if already delivered, or the exception Redis
+    answered with, e.g. NoScriptError: nothing was published for that one) and the run_id of
+    the Redis that did it: None if INFO is refused (or ``read_run_id`` is False), "" if it
+    could not be read (it then never matches, and the message is published again rather than
+    trusted). Raises if Redis cannot be reached. EVALSHA straight away: registered Scripts
+    would first ask SCRIPT EXISTS, a second round trip each time; a Redis that forgot them
+    (restarted) gets them loaded here.
+    """
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for message in messages:
+            pipe.evalsha(*publish_once_args(message, ttl))
+        if read_run_id:
+            pipe.evalsha(RUN_ID_SHA, 0)
+        results = pipe.execute(raise_on_error=False)
+        run_id = results.pop() if read_run_id else None
+        for result in (run_id, *results):
+            if isinstance(result, REDIS_DOWN):
+                raise result
+        missing = [isinstance(result, redis.exceptions.NoScriptError) for result in (*results, run_id)]
+        if not any(missing):
+            break
+        load_scripts(client)
+        if attempt == 2 or not all(missing[:len(results)]):
+            break  # some did run: the caller sends the others again, in its own order
+    if isinstance(run_id, Exception):
+        return results, ""
+    return results, run_id.decode() if run_id is not None else None
+
+
+def load_scripts(client: redis.Redis) -> None:
+    """Load the Lua scripts into a Redis that does not have them (restarted, SCRIPT FLUSH)."""
+    client.script_load(PUBLISH_ONCE)
+    client.script_load(RUN_ID)
+
+
+class AnswerPublisher:
+    """The intake's own Redis connection, for publishing answers as soon as they are committed.
+
+    It reads the run_id of the Redis it is connected to once per connection, not once per
+    answer (INFO, even inside Lua, cost more than the PUBLISH): a TCP connection cannot
+    outlive the redis-server it reached, so every PUBLISH on it went to that run_id. A
+    reconnection during a call leaves the run_id unknown ("": confirmed only by publishing
+    again). Owned by one thread.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.client: redis.Redis | None = None
+        self.run_id: str | None = None
+        self.run_id_known = False  # False until read on the current connection
+        self.connects = 0
+
+    def _connected(self, connection: Any) -> None:
+        self.connects += 1
+        self.run_id_known = False
+
+    def publish(self, messages: list[Message]) -> tuple[list[Any], str | None]:
+        """As ``publish_messages``."""
+        if self.client is None:
+            client = self.config.redis_client(single_connection_client=True)  # connects now
+            client.connection.register_connect_callback(self._connected)
+            self.client = client
+        if not self.client.connection.is_connected:
+            self.client.connection.connect()  # now, not inside the call: the run_id is then read in it
+        connects, known = self.connects, self.run_id_known
+        if known and len(messages) == 1:
+            results, run_id = [self._publish_one(messages[0])], None
+        else:
+            results, run_id = publish_messages(self.client, messages, self.config.result_ttl, read_run_id=not known)
+        if self.connects != connects:
+            return results, ""
+        if known:
+            return results, self.run_id
+        if run_id != "":
+            self.run_id, self.run_id_known = run_id, True
+        return results, run_id
+
+    def confirm(self) -> bool:
+        """True if a PING on the connection of the last ``publish`` is answered by the same
+        server: the PUBLISHes before it are then final. False if that cannot be told."""
+        if self.client is None or not self.run_id_known:
+            return False
+        connects, connection = self.connects, self.client.connection
+        try:
+            connection.send_command("PING")
+            connection.read_response()
+        except Exception:
+            connection.disconnect()
+            return False
+        return self.connects == connects
+
+    def _publish_one(self, message: Message) -> Any:
+        """One answer, the common case, straight on the connection: redis-py's command path
+        (retries, pooling, metrics hooks) cost a quarter of the round trip before the bytes left."""
+        connection = self.client.connection
+        try:
+            for attempt in (1, 2):
+                connection.send_command("EVALSHA", *publish_once_args(message, self.config.result_ttl))
+                try:
+                    return connection.read_response()
+                except redis.exceptions.NoScriptError as exc:  # nothing ran; a Redis that forgot it
+                    load_scripts(self.client)
+                    if attempt == 2:
+                        return exc
+        except redis.ResponseError as exc:
+            return exc
+        except BaseException:
+            connection.disconnect()  # whatever was in flight on it is lost; reconnects on next use
+            raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+            self.client = None
+
 
 class Backoff:
     """Capped exponential backoff with full jitter; ``reset`` after a success."""
@@ -174,41 +316,28 @@ class Intake:
         self.agent, self.config, self.store, self.client = agent, agent.config, store, client
         self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
-        self._deferred: list[Job] | None = None  # Jobs of a group not committed yet
-        self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self.publisher = AnswerPublisher(self.config)
+        # What a transaction produced, acted on only once it is committed (see ``_accept``):
+        self._jobs: list[Job] = []  # to queue for the workers
+        self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once
+        self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # audit, metrics
 
     def handle_many(self, batch: list[bytes]) -> None:
         """Accept messages that arrived together in one transaction (one commit, not one each).
 
-        Jobs are queued only once the group is committed, so a worker never looks for a row
-        that is not there yet. If anything in the group fails, nothing of it is kept and each
-        message is handled again on its own, with the usual per-message error handling.
+        If anything in the group fails, nothing of it is kept and each message is handled again
+        on its own, with the usual per-message error handling.
         """
         if len(batch) > 1:
-            self._deferred, self._after_commit = [], []
             try:
-                with self.store.immediate():
-                    for data in batch:
-                        self._handle(data)
+                self._accept(batch)
             except Exception as exc:
                 self.log.warning("a group of %d messages failed (%s); handling them one by one", len(batch), exc)
             else:
-                for job in self._deferred:
-                    self.agent.pool.submit(job)
-                self.agent.outbox_wake.set()
-                for fn, args in self._after_commit:
-                    fn(*args)
+                self._committed()
                 return
-            finally:
-                self._deferred = self._after_commit = None
         for data in batch:
             self.handle(data)
-
-    def _queue(self, job: Job) -> None:
-        if self._deferred is not None:
-            self._deferred.append(job)
-        else:
-            self.agent.pool.submit(job)
 
     def handle(self, data: bytes) -> bool:
         """Accept one message; never raises, so one bad message cannot stop the listener.
@@ -217,16 +346,73 @@ class Intake:
         stays unacknowledged in the stream and is read again, instead of being refused.
         """
         try:
-            self._handle(data)
+            self._accept([data])
         except sqlite3.Error as exc:
             if self.via == "stream":
                 self.log.error("cannot write %s (%s): the stream entry stays pending and is read again",
                                self.config.outbox_db, exc)
                 return False
             self._store_failed(data, exc)
+            return True
         except Exception:
             self.log.exception("could not handle a message of %d bytes", len(data))
+            return True
+        self._committed()
         return True
+
+    def _accept(self, batch: list[bytes]) -> None:
+        """Record ``batch`` in one transaction; on failure nothing of it is kept (or done)."""
+        self._jobs, self._answers, self._after_commit = [], [], []
+        try:
+            with self.store.immediate():
+                for data in batch:
+                    self._handle(data)
+        except BaseException:
+            self._jobs, self._answers, self._after_commit = [], [], []
+            raise
+
+    def _committed(self) -> None:
+        """What the last transaction recorded, now that it is committed: queue its jobs, publish
+        its answers, then audit and count (after the answers: the backend is waiting for them)."""
+        jobs, answers, after = self._jobs, self._answers, self._after_commit
+        self._jobs, self._answers, self._after_commit = [], [], []
+        for job in jobs:
+            self.agent.pool.submit(job)
+        if answers:
+            self._publish(answers)
+        for fn, args in after:
+            fn(*args)
+
+    def _publish(self, answers: list[tuple[int, Message]]) -> None:
+        """Publish answers recorded in the outbox (held there, so the flusher leaves them alone)
+        straight from this thread: no hand-over to the flusher on the way to the backend. What
+        does not go out is made due and left to the flusher, with its retries; what does is
+        handed to it to confirm (``Flusher.confirm``)."""
+        ids = [outbox_id for outbox_id, _ in answers]
+        try:
+            results, run_id = self.publisher.publish([message for _, message in answers])
+        except Exception as exc:
+            self.log.debug("publishing %d answers on arrival failed (%s); the flusher takes them", len(ids), exc)
+            results, run_id = [None] * len(ids), None
+        published = [i for i, result in zip(ids, results) if isinstance(result, int) and result != 0]
+        if published:
+            # A later round trip on the same connection (so the same redis-server) proves the
+            # event-loop turn that queued the receivers' copies is over (see Flusher.confirm).
+            # Done here, at once: waiting would widen the window in which a Redis restart makes
+            # the flusher publish a response again that was in fact delivered.
+            self.agent.flusher.handover(published, None if self.publisher.confirm() else run_id)
+        if len(published) < len(ids):
+            # No receiver (the flusher retries with backoff), refused, or Redis unreachable.
+            try:
+                self.store.due_now([i for i in ids if i not in set(published)])
+            except sqlite3.Error as exc:  # they stay held, and are due once the hold ends
+                self.log.warning("could not hand %d answers to the flusher (%s); they go out within %d s",
+                                 len(ids) - len(published), exc, Flusher.hold_seconds)
+            self.agent.outbox_wake.set()
+
+    def _hold(self) -> float:
+        """``next_attempt_at`` of an answer this intake publishes itself once it is committed."""
+        return time.time() + Flusher.hold_seconds
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -238,30 +424,32 @@ class Intake:
             return
         if self.via == "stream":
             self.agent.seen_on_stream(cmd.command_id)
-        existing = self.store.get(cmd.command_id)
-        if existing is not None:
-            self._duplicate(existing)
-            return
         try:
             action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
         except ValidationError as exc:
-            self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
             response, message = self.agent.error_answer(cmd.command_id, str(exc))
-            accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message))
+            accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
+                                         hold_until=self._hold())
             if accepted.new:
-                self._later(self.agent.audit.command, cmd.command_id, cmd.sender, cmd.command, cmd.params,
-                            "error", 0, str(exc))
-                self.agent.outbox_wake.set()  # the refusal waits in the outbox
+                self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
+                self._answers.append((accepted.outbox_id, message))
+                self._after_commit.append((self.agent.audit.command, (
+                    cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))))
         else:
             if action.argv is None:
                 self._answer_now(cmd, action)
+                return
+            # A command seen before is never "busy": it is answered as a duplicate.
+            existing = self.store.get(cmd.command_id)
+            if existing is not None:
+                self._duplicate(existing)
                 return
             if self._busy(cmd.command_id):
                 return
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
-                self._queue(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
+                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
@@ -274,22 +462,13 @@ class Intake:
         """
         if self.via != "pubsub":
             return False
-        waiting = self.agent.pool.pending() + len(self._deferred or ())
+        waiting = self.agent.pool.pending() + len(self._jobs)
         if waiting < self.config.queue_max:
             return False
         self.log.warning("%s: refused, %d commands already waiting", command_id, waiting)
         self._answer(command_id, f"busy: {waiting} commands are already waiting "
                      f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
         return True
-
-    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Call ``fn(*args)`` now, or, inside a group (handle_many), once the group is committed:
-        a group that rolls back is handled again message by message, and must not have audited
-        or counted anything the first time."""
-        if self._after_commit is not None:
-            self._after_commit.append((fn, args))
-        else:
-            fn(*args)
 
     def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
         """A command that runs nothing (echo) is answered on arrival, without a worker.
@@ -301,16 +480,16 @@ class Intake:
         result = execute(action)
         response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
         accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
-                                     output=result.full_output)
+                                     output=result.full_output, hold_until=self._hold())
         if not accepted.new:
             self._duplicate(accepted.row)
             return
-        self._later(self.agent.audit.command, cmd.command_id, cmd.sender, cmd.command, cmd.params, result.status, 0,
-                    result.error)
+        self._answers.append((accepted.outbox_id, message))
+        self._after_commit.append((self.agent.audit.command, (
+            cmd.command_id, cmd.sender, cmd.command, cmd.params, result.status, 0, result.error)))
         if self.agent.metrics is not None:
-            self._later(self.agent.metrics.command_done, cmd.command, result.status, 0)
-        self._later(self.agent.count_executed)
-        self._later(self.agent.outbox_wake.set)  # before the log line: the response need not wait for it
+            self._after_commit.append((self.agent.metrics.command_done, (cmd.command, result.status, 0)))
+        self._after_commit.append((self.agent.count_executed, ()))
         # DEBUG, not INFO: health checks can be frequent, a line each was a quarter of the
         # listener's time in a burst; the commands table keeps every one of them.
         self.log.debug("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
@@ -330,16 +509,17 @@ class Intake:
                 self._duplicate(existing)
                 return
             response, message = self.agent.error_answer(rejected.command_id, rejected.reason)
-            self.store.accept(rejected.command_id, "(malformed)", {}, None, (response, message))
-            self.agent.outbox_wake.set()
+            accepted = self.store.accept(rejected.command_id, "(malformed)", {}, None, (response, message),
+                                         hold_until=self._hold())
+            if accepted.new:
+                self._answers.append((accepted.outbox_id, message))
         else:
             self._answer(rejected.command_id, rejected.reason, stored=False)
 
     def _answer(self, command_id: str, error: str, stored: bool) -> None:
         """Queue an error answer that is not recorded under the command_id."""
         _, message = self.agent.error_answer(command_id, error, result_key=stored)
-        self.store.enqueue(message)
-        self.agent.outbox_wake.set()
+        self._answers.append((self.store.enqueue(message, self._hold()), message))
 
     def _duplicate(self, row: dict[str, Any]) -> None:
         command_id = row["command_id"]
@@ -354,15 +534,22 @@ class Intake:
         if row["state"] != "done":
             self.log.info("%s: seen before and still %s; its response will follow", command_id, row["state"])
             return
-        waiting = self.store.db.execute(
-            "SELECT count(*) FROM outbox WHERE command_id = ? AND result_key IS NOT NULL", [command_id]
-        ).fetchone()[0]
+        # Its response still to go out (due, waiting for a receiver, or in this very group) is
+        # answer enough; one already published, held only until confirmed, is not.
+        this_group = {outbox_id for outbox_id, _ in self._answers}
+        waiting = any(
+            outbox_id in this_group or next_attempt_at <= time.time() or unheard_since is not None
+            for outbox_id, next_attempt_at, unheard_since in self.store.db.execute(
+                "SELECT id, next_attempt_at, unheard_since FROM outbox WHERE command_id = ? AND result_key IS NOT NULL",
+                [command_id],
+            )
+        )
         if waiting:
             self.log.info("%s: seen before; its response is already waiting to be published", command_id)
             return
         self.log.info("%s: seen before; publishing its stored response again, not running it", command_id)
-        self.store.enqueue(Message(self.config.response_channel, row["response"], command_id, None))
-        self.agent.outbox_wake.set()
+        message = Message(self.config.response_channel, row["response"], command_id, None)
+        self._answers.append((self.store.enqueue(message, self._hold()), message))
 
     def _store_failed(self, data: bytes, exc: sqlite3.Error) -> None:
         """The database cannot be written: refuse loudly and directly, keep nothing we cannot keep."""
@@ -398,6 +585,7 @@ class Listener(Loop):
 
     def teardown(self) -> None:
         self._close()
+        self.intake.publisher.close()
         self.store.close()
 
     def _close(self) -> None:
@@ -548,6 +736,7 @@ class StreamReader(Loop):
         self.reclaim = True  # read our own pending entries first
 
     def teardown(self) -> None:
+        self.intake.publisher.close()
         self.store.close()
 
     def on_error(self, exc: Exception) -> None:
@@ -778,16 +967,25 @@ class Worker(Loop):
 
 
 class Flusher(Loop):
-    """Publishes the outbox in order, pipelined; waits on an event, not a hot poll."""
+    """Publishes the outbox in order, pipelined; waits on an event, not a hot poll.
+
+    It also confirms what was published (``confirm``), its own messages and those the intake
+    published itself on arrival (``handover``).
+    """
 
     batch = 500
 
     def setup(self) -> None:
         self.store = self.agent.open_store()
         self.client = self.agent.redis
-        self.sha = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
         # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
         self.unconfirmed: dict[int, tuple[str | None, float]] = {}
+
+    def __init__(self, name: str, agent: Agent):
+        super().__init__(name, agent)
+        self._handed: list[tuple[int, str | None, float]] = []  # from other threads, see ``handover``
+        self._handed_lock = threading.Lock()
+        self._confirm_timer = False  # the flusher's wait ends in time to confirm (no wake needed)
 
     def pause(self, delay: float) -> None:
         # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
@@ -799,14 +997,17 @@ class Flusher(Loop):
             self.agent.retry_now.clear()
             self.store.retry_all_now()
         self.agent.outbox_wake.clear()
+        self._take_handed()
         self.confirm()
         rows = self.store.due(self.batch)
         if not rows:
             next_due = self.store.next_due()
             wait = 5.0 if next_due is None else min(5.0, max(0.0, next_due - time.time()))
             if self.unconfirmed:
-                oldest = min(when for _, when in self.unconfirmed.values())
-                wait = min(wait, max(0.05, oldest + self.confirm_after - time.monotonic()))
+                soonest = min(when + self._delay(run_id) for run_id, when in self.unconfirmed.values())
+                wait = min(wait, max(0.01, soonest - time.monotonic()))
+                with self._handed_lock:
+                    self._confirm_timer = not self._handed
             self.agent.outbox_wake.wait(wait)
             return
         self.publish(rows)
@@ -825,19 +1026,47 @@ class Flusher(Loop):
     # delivered marker makes its re-publication a no-op while that Redis lives.
 
     confirm_after = 0.0  # seconds between the PUBLISH replies and the confirming round trip (tests widen it)
+    # Rows the intake published and confirmed itself are only deleted, in one DELETE for all
+    # that came in this long: one per echo, in another thread, slowed the next echo down.
+    delete_after = 0.1
     hold_seconds = 30.0
+
+    def _delay(self, run_id: str | None) -> float:
+        return self.delete_after if run_id is None else self.confirm_after
+
+    def handover(self, ids: list[int], run_id: str | None) -> None:
+        """Rows another thread published (held): to confirm on ``run_id``, or, with None,
+        already confirmed and only to delete (in batches, ``delete_after``). Any thread."""
+        now = time.monotonic()
+        with self._handed_lock:
+            # Rows to delete: one wake-up per batch, none while the flusher's wait already ends
+            # within ``delete_after`` (it takes these then). Rows to confirm: at once.
+            wake = run_id is not None or (not self._handed and not self._confirm_timer)
+            self._handed.extend((outbox_id, run_id, now) for outbox_id in ids)
+        if wake:
+            self.agent.outbox_wake.set()
+
+    def _take_handed(self) -> None:
+        with self._handed_lock:
+            handed, self._handed = self._handed, []
+            self._confirm_timer = False
+        for outbox_id, run_id, when in handed:
+            self.unconfirmed[outbox_id] = (run_id, when)
 
     def confirm(self) -> None:
         """Delete the held rows whose Redis is still the same; publish again those it is not."""
         now = time.monotonic()
-        ready = [i for i, (_, when) in self.unconfirmed.items() if now - when >= self.confirm_after]
+        ready = [i for i, (run_id, when) in self.unconfirmed.items() if now - when >= self._delay(run_id)]
         if not ready:
             return
-        run_id = self._run_id(self.client)
+        if all(self.unconfirmed[i][0] is None for i in ready):
+            run_id = None  # all confirmed already (or INFO refused): nothing to ask Redis
+        else:
+            run_id = self._run_id(self.client)
         done, again = [], []
         for outbox_id in ready:
             published_on, _ = self.unconfirmed.pop(outbox_id)
-            (done if published_on == run_id else again).append(outbox_id)
+            (done if published_on is None or published_on == run_id else again).append(outbox_id)
         self.store.delivered(done)
         if again:
             self.log.warning("Redis restarted (run_id changed) since %d responses were published; "
@@ -847,13 +1076,16 @@ class Flusher(Loop):
     @staticmethod
     def _run_id(client) -> str | None:
         try:
-            return client.info("server").get("run_id")
-        except redis.ResponseError:  # INFO refused (ACL): cannot tell, trust the PUBLISH
-            return None
+            run_id = client.evalsha(RUN_ID_SHA, 0)
+        except redis.exceptions.NoScriptError:
+            load_scripts(client)
+            run_id = client.evalsha(RUN_ID_SHA, 0)
+        return run_id.decode() if run_id is not None else None
 
     def teardown(self) -> None:
         try:
-            self.confirm_after = 0.0
+            self._take_handed()
+            self.confirm_after = self.delete_after = 0.0
             self.confirm()
         except Exception as exc:
             self.log.info("%d published responses left unconfirmed (%s); they are sent again at the next start",
@@ -862,31 +1094,14 @@ class Flusher(Loop):
 
     def publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish ``rows`` in one pipeline; returns how many were delivered."""
-        pipe = self.client.pipeline(transaction=False)
-        ttl = self.config.result_ttl
-        # EVALSHA straight away: a pipeline of registered Scripts would first ask SCRIPT EXISTS,
-        # a second round trip on every flush. NOSCRIPT (a restarted Redis) loads it once.
-        for row in rows:
-            keys = [row["result_key"], row["result_key"] + ":delivered"] if row["result_key"] else []
-            pipe.evalsha(self.sha, len(keys), *keys, row["channel"], row["payload"], ttl)
-        pipe.info("server")
-        results = pipe.execute(raise_on_error=False)
-        info = results.pop()
-        if isinstance(info, REDIS_DOWN):
-            raise info
-        run_id = info.get("run_id") if isinstance(info, dict) else None
-        pairs = list(zip(rows, results))
-        if any(isinstance(result, redis.exceptions.NoScriptError) for _, result in pairs):
-            # Nothing ran for those: they stay due and go out on the next pass.
-            self.client.script_load(PUBLISH_ONCE)
-            self.agent.outbox_wake.set()
-            pairs = [(row, result) for row, result in pairs if not isinstance(result, redis.exceptions.NoScriptError)]
+        messages = [Message(row["channel"], row["payload"], row["command_id"], row["result_key"]) for row in rows]
+        results, run_id = publish_messages(self.client, messages, self.config.result_ttl)
         now = time.time()
         delivered, retries = [], []
-        for row, result in pairs:
-            if isinstance(result, Exception):
-                if isinstance(result, REDIS_DOWN):
-                    raise result
+        for row, result in zip(rows, results):
+            if isinstance(result, redis.exceptions.NoScriptError):
+                self.agent.outbox_wake.set()  # nothing ran: still due, it goes out on the next pass
+            elif isinstance(result, Exception):
                 self.log.error("outbox %d (%s): Redis refused it: %s", row["id"], row["command_id"], result)
                 retries.append((row["id"], now + 30.0))
             elif result != 0:
@@ -896,7 +1111,7 @@ class Flusher(Loop):
                 self.log.warning(
                     "%s: no one received its response for %d s; giving up on the channel%s",
                     row["command_id"], self.config.response_retry_seconds,
-                    f", it stays at {row['result_key']} for {ttl} s" if row["result_key"] else "",
+                    f", it stays at {row['result_key']} for {self.config.result_ttl} s" if row["result_key"] else "",
                 )
             else:
                 delay = min(10.0, 0.25 * 2 ** min(row["attempts"], 10))

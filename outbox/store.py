@@ -7,6 +7,7 @@ share it). Every thread that needs the database opens its own Store.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -41,6 +42,16 @@ def _write_lock(path: str) -> threading.Lock:
         return _write_locks.setdefault(key, threading.Lock())
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_command_sql(columns: tuple[str, ...]) -> str:
+    """INSERT of a ``commands`` row with these columns; a known command_id inserts nothing."""
+    return (f"INSERT INTO commands ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            "ON CONFLICT (command_id) DO NOTHING")
+
+
 class State(str, Enum):
     """Where a command is in its life; stored as this text in ``commands.state``."""
 
@@ -65,10 +76,14 @@ class Message:
 
 @dataclass(frozen=True)
 class Accepted:
-    """What ``accept`` found: ``new`` is False for a command_id seen before, with its row."""
+    """What ``accept`` found: ``new`` is False for a command_id seen before, with its row.
+
+    ``outbox_id`` is the id of the answer it queued, if it was given one.
+    """
 
     new: bool
     row: dict[str, Any]
+    outbox_id: int | None = None
 
 
 class Store:
@@ -120,7 +135,7 @@ class Store:
                 self._depth -= 1
             return
         with self._write_lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.conn.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield
@@ -142,18 +157,20 @@ class Store:
         sender: str | None = None,
         answer: tuple[dict[str, Any], Message] | None = None,
         output: str | None = None,
+        hold_until: float = 0.0,
     ) -> Accepted:
         """Record a command before it is queued; a known command_id is not recorded again.
 
         With ``answer`` (the response and its message: a refusal, or the answer of a command
         that runs nothing) the command is recorded as already done, with ``output`` as its full
-        output, and its answer queued for publishing, in the same transaction.
+        output, and its answer queued for publishing, in the same transaction; ``hold_until``
+        as in ``enqueue``.
         """
         now = time.time()
         row: dict[str, Any] = {
             "command_id": command_id,
             "command": command,
-            "params": json.dumps(params, separators=(",", ":")),
+            "params": _compact_json(params),
             "sender": sender,
             "state": State.QUEUED.value,
             "received_at": now,
@@ -169,16 +186,11 @@ class Store:
                 row["started_at"] = now  # it ran (counts in commands_executed)
         with self.immediate():
             # One statement both checks and records: a known command_id inserts nothing.
-            inserted = self.db.execute(
-                f"INSERT INTO commands ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
-                "ON CONFLICT (command_id) DO NOTHING",
-                list(row.values()),
-            ).rowcount
+            inserted = self.db.conn.execute(_insert_command_sql(tuple(row)), list(row.values())).rowcount
             if not inserted:
                 return Accepted(False, self.get(command_id))
-            if answer is not None:
-                self._enqueue(answer[1], now)
-            return Accepted(True, row)
+            outbox_id = self._enqueue(answer[1], now, hold_until) if answer is not None else None
+            return Accepted(True, row, outbox_id)
 
     def get(self, command_id: str) -> dict[str, Any] | None:
         """The ``commands`` row of ``command_id``, or None."""
@@ -230,16 +242,20 @@ class Store:
 
     # -- outbox ---------------------------------------------------------------------------------
 
-    def enqueue(self, message: Message) -> int:
-        """Queue a message for publishing; returns its outbox id."""
-        with self.immediate():
-            return self._enqueue(message, time.time())
+    def enqueue(self, message: Message, hold_until: float = 0.0) -> int:
+        """Queue a message for publishing; returns its outbox id.
 
-    def _enqueue(self, message: Message, now: float) -> int:
-        cursor = self.db.execute(
+        ``hold_until`` (unix s) keeps it out of ``due`` until then: the caller publishes it
+        itself once this transaction is committed, and makes it due at once if that fails.
+        """
+        with self.immediate():
+            return self._enqueue(message, time.time(), hold_until)
+
+    def _enqueue(self, message: Message, now: float, hold_until: float = 0.0) -> int:
+        cursor = self.db.conn.execute(
             "INSERT INTO outbox (channel, payload, command_id, result_key, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, 0)",
-            [message.channel, message.payload, message.command_id, message.result_key, now],
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [message.channel, message.payload, message.command_id, message.result_key, now, hold_until],
         )
         return cursor.lastrowid
 

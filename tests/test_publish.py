@@ -1,0 +1,162 @@
+"""Answers published on arrival: the intake publishes what it has just committed itself, the
+flusher confirms it later, and anything that does not go out falls back to the flusher. Real
+redis-server processes throughout (restarted, killed) to change the run_id under the agent."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from conftest import wait_for
+
+
+def outbox_rows(db: str) -> list[dict]:
+    conn = sqlite3.connect(db, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM outbox ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def run_id_of(server) -> str:
+    return server.client().info("server")["run_id"]
+
+
+def test_an_echo_is_published_by_the_intake_held_then_confirmed(running_agent, make_backend):
+    agent = running_agent()
+    agent.flusher.delete_after = 3.0  # keep the published, confirmed row long enough to look at it
+    backend = make_backend(agent.config.agent_id)
+    published_by_flusher = []
+    real_publish = agent.flusher.publish
+    agent.flusher.publish = lambda rows: published_by_flusher.append(rows) or real_publish(rows)
+
+    command_id = backend.send("echo", {"message": "first"})
+    assert backend.wait(command_id)["output"] == "first"
+    held = outbox_rows(agent.config.outbox_db)
+    assert [r["command_id"] for r in held] == [command_id], "the answer stays until confirmed"
+    assert held[0]["next_attempt_at"] > time.time() + 10, "held: the flusher must not publish it again"
+    assert held[0]["attempts"] == 0
+
+    assert agent.flusher.unconfirmed[held[0]["id"]][0] is None, "confirmed by the intake, only to delete"
+    agent.flusher.delete_after = 0.0
+    agent.outbox_wake.set()
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the confirmation to delete the row")
+    assert published_by_flusher == [], "the flusher confirmed it; it never had to publish it"
+    assert len(backend.responses_for(command_id)) == 1
+
+
+def test_a_repeated_echo_while_its_answer_is_held_is_answered_again(running_agent, make_backend):
+    """Held only for confirmation is not 'waiting to be published': a backend that asks again
+    (it missed the first copy) gets the stored response again, without a second run."""
+    agent = running_agent()
+    agent.flusher.delete_after = 5.0
+    backend = make_backend(agent.config.agent_id)
+    message = backend.message("echo", {"message": "twice"}, command_id="asked-twice")
+    backend.publish(message)
+    first = backend.wait("asked-twice")
+    assert outbox_rows(agent.config.outbox_db), "still held"
+    backend.publish(message)
+    wait_for(lambda: len(backend.responses_for("asked-twice")) == 2, 10, message="the second answer")
+    assert backend.responses_for("asked-twice")[1] == first
+    conn = sqlite3.connect(agent.config.outbox_db)
+    assert conn.execute("SELECT count(*) FROM commands WHERE command_id = 'asked-twice'").fetchone()[0] == 1
+    conn.close()
+
+
+def test_an_answer_no_one_hears_goes_to_the_flusher_and_reaches_a_late_subscriber(running_agent, make_backend,
+                                                                                  redis_server):
+    agent = running_agent()
+    command_id = "heard-late"
+    redis_server.client().publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(
+        {"command_id": command_id, "command": "echo", "params": {"message": "late"}}))
+    # Nobody listens: the intake's PUBLISH counts 0 receivers, so the row is made due and the
+    # flusher retries it with its backoff (attempts counted, "no receiver").
+    wait_for(lambda: any(r["attempts"] >= 1 for r in outbox_rows(agent.config.outbox_db)), 10,
+             message="the flusher to retry the unheard answer")
+    row = outbox_rows(agent.config.outbox_db)[0]
+    assert row["command_id"] == command_id and row["last_error"] == "no receiver"
+    backend = make_backend(agent.config.agent_id)
+    assert backend.wait(command_id, 20)["output"] == "late"
+
+
+def test_the_answer_publisher_reads_the_run_id_once_per_connection(running_agent, redis_server):
+    """Read once, trusted for every later PUBLISH on the same connection; read again after a
+    Redis restart (a new connection), so a confirmation never trusts the wrong server."""
+    from agent import AnswerPublisher
+    from outbox import Message
+
+    agent = running_agent()
+    publisher = AnswerPublisher(agent.config)
+    message = Message("some-channel", "payload")
+    calls = []
+    try:
+        results, run_id = publisher.publish([message])
+        assert results == [0] and run_id == run_id_of(redis_server)
+        assert publisher.run_id_known
+        real = publisher.client.connection.send_command
+        publisher.client.connection.send_command = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+        results, again = publisher.publish([message])
+        assert again == run_id and calls == ["EVALSHA"], "one EVALSHA, no second look at INFO"
+
+        before = run_id
+        redis_server.restart()
+        wait_for(lambda: redis_server.client().ping(), 10)
+        try:
+            publisher.publish([message])  # the old connection is dead: this one fails
+        except Exception:
+            pass
+        results, after = publisher.publish([message])
+        assert after and after != before and after == run_id_of(redis_server)
+    finally:
+        publisher.close()
+
+
+def test_an_answer_whose_publish_fails_is_made_due_for_the_flusher(running_agent, make_backend, redis_server):
+    """Redis went away between the commit and the PUBLISH: the committed answer is not lost,
+    the flusher delivers it once Redis is back."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    assert backend.call("echo", {"message": "warm"})["status"] == "success"
+    intake = agent.listener.intake
+    real_publish = intake.publisher.publish
+
+    def publish_into_a_dead_redis(messages):
+        redis_server.kill()
+        return real_publish(messages)
+
+    intake.publisher.publish = publish_into_a_dead_redis
+    command_id = backend.send("echo", {"message": "after the outage"})
+    wait_for(lambda: any(r["command_id"] == command_id and r["next_attempt_at"] <= time.time()
+                         for r in outbox_rows(agent.config.outbox_db)), 10,
+             message="the answer to be made due (not left held)")
+    intake.publisher.publish = real_publish
+    redis_server.start()  # on the same port; the backend's subscriber reconnects by itself
+    assert backend.wait(command_id, 30)["output"] == "after the outage"
+
+
+def test_redis_restarted_between_the_publish_and_its_confirmation_publishes_again(running_agent, make_backend,
+                                                                                  redis_server):
+    """The intake's confirming PING finds a new connection (Redis was killed and restarted
+    empty right after the PUBLISH): the flusher compares run_ids and publishes it again."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    assert backend.call("echo", {"message": "warm"})["status"] == "success"
+    publisher = agent.listener.intake.publisher
+    real_confirm = publisher.confirm
+    restarts = []
+
+    def restart_then_confirm():
+        if not restarts:
+            redis_server.restart()
+            restarts.append(1)
+        return real_confirm()
+
+    publisher.confirm = restart_then_confirm
+    command_id = backend.send("echo", {"message": "again"})
+    wait_for(lambda: len(backend.responses_for(command_id)) >= 1, 30, message="the response, published again")
+    assert backend.responses_for(command_id)[0]["output"] == "again"
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 20, message="the outbox to drain")
+    assert redis_server.client().get(agent.config.result_key(command_id)) is not None, \
+        "published again on the new Redis, result key included"
