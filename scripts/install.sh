@@ -58,7 +58,7 @@ fi
 # -- the application ---------------------------------------------------------------------
 install -d -m 0755 "$DESTDIR$APP"
 # Replace the code wholesale so files removed upstream do not linger; the venv stays.
-(cd "$DESTDIR$APP" && rm -rf -- $APP_DIRS ./*.py)
+(cd "$DESTDIR$APP" && rm -rf -- $APP_DIRS ./*.py ./__pycache__)
 (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' ./*.py $APP_DIRS $APP_FILES) |
     tar -xf - --no-same-owner --no-same-permissions -C "$DESTDIR$APP"
 chmod -R u=rwX,go=rX "$DESTDIR$APP/handlers" "$DESTDIR$APP/outbox" "$DESTDIR$APP/systemd" "$DESTDIR$APP/docs"
@@ -85,6 +85,12 @@ if [ "$INSTALL_VENV" = 1 ]; then
 else
     say "INSTALL_VENV=0: venv skipped"
 fi
+# Bytecode now: the unit runs with PYTHONDONTWRITEBYTECODE=1 from a read-only directory, so
+# without it every start would compile the agent's modules again (slower, and ~3 MB more RSS).
+COMPILER=$PYTHON
+[ -x "$DESTDIR$APP/venv/bin/python" ] && COMPILER=$DESTDIR$APP/venv/bin/python
+(cd "$DESTDIR$APP" && "$COMPILER" -m compileall -q -d "$APP" ./*.py $APP_DIRS >/dev/null)
+say "compiled the app's bytecode"
 
 # -- configuration: never overwrite an operator's file -----------------------------------
 install -d -m 0750 "$DESTDIR$CONF"

@@ -42,7 +42,9 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
                  "handlers/examples/systemctl_restart.py", "docs/OPERATIONS.md", "requirements.txt", ".env.example"):
         assert (app / name).is_file(), name
     assert not (app / "tests").exists() and not (app / ".venv").exists()
-    assert not list(app.rglob("__pycache__"))
+    # Compiled at install (the unit runs read-only with PYTHONDONTWRITEBYTECODE=1), not copied.
+    assert list((app / "__pycache__").glob("agent.cpython-*.pyc"))
+    assert list((app / "outbox" / "__pycache__").glob("store.cpython-*.pyc"))
     unit = dest / "etc/systemd/system/cockpit-agent.service"
     assert unit.read_text() == UNIT.read_text() and mode(unit) == 0o644
     env_file = dest / CONF / "agent.env"
@@ -81,6 +83,13 @@ def test_staged_install_builds_the_venv_from_the_pinned_requirements(tmp_path):
     result = subprocess.run([str(python), str(dest / APP / "agent.py"), "--version"],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().startswith("cockpit-agent ")
+    # As the unit starts it: -m from the application directory, no bytecode written.
+    app = dest / APP
+    before = sorted(app.rglob("*.pyc"))
+    result = subprocess.run([str(python), "-m", "agent", "--version"], cwd=app, capture_output=True, text=True,
+                            timeout=60, env={"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode == 0 and result.stdout.strip().startswith("cockpit-agent "), result.stderr
+    assert sorted(app.rglob("*.pyc")) == before
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, timeout=60).stdout
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -146,7 +155,7 @@ def test_unit_is_notify_with_watchdog_restart_and_stop_timeout():
     assert unit["KillMode"] == ["mixed"]  # SIGTERM to the agent; running commands get their grace period
     # Longer than the grace period plus the final flush (5 s) and the thread joins (3 x 5 s).
     assert int(unit["TimeoutStopSec"][0]) > Config(agent_id="x").shutdown_grace + 20
-    assert unit["ExecStart"] == ["/opt/cockpit-agent/venv/bin/python /opt/cockpit-agent/agent.py run"]
+    assert unit["ExecStart"] == ["/opt/cockpit-agent/venv/bin/python -m agent run"]
     assert unit["Environment"][0] == "COCKPIT_AGENT_ENV_FILE=/etc/cockpit-agent/agent.env"
 
 
