@@ -993,11 +993,11 @@ class Flusher(Loop):
         self.agent.outbox_wake.wait(delay)
 
     def loop_once(self) -> None:
+        self._take_handed()
         if self.agent.retry_now.is_set():
             self.agent.retry_now.clear()
-            self.store.retry_all_now()
+            self.store.retry_all_now(keep=list(self.unconfirmed))
         self.agent.outbox_wake.clear()
-        self._take_handed()
         self.confirm()
         rows = self.store.due(self.batch)
         if not rows:

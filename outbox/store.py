@@ -300,7 +300,16 @@ class Store:
             with self.immediate():
                 self.db.conn.executemany("UPDATE outbox SET next_attempt_at = 0 WHERE id = ?", [(i,) for i in ids])
 
-    def retry_all_now(self) -> int:
-        """Make every waiting message due now (Redis is back; no reason to wait out a backoff)."""
+    def retry_all_now(self, keep: list[int] | tuple[int, ...] = ()) -> int:
+        """Make every waiting message due now (Redis is back; no reason to wait out a backoff),
+        except ``keep``: published ones whose confirmation is under way, which must not be
+        published again just because Redis came back (that is the confirmation's to decide)."""
         with self.immediate():
-            return self.db.execute("UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0").rowcount
+            if keep:
+                self.db.conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep_held (id INTEGER PRIMARY KEY)")
+                self.db.conn.execute("DELETE FROM keep_held")
+                self.db.conn.executemany("INSERT INTO keep_held (id) VALUES (?)", [(i,) for i in keep])
+            return self.db.conn.execute(
+                "UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0"
+                + (" AND id NOT IN (SELECT id FROM keep_held)" if keep else "")
+            ).rowcount

@@ -160,3 +160,28 @@ def test_redis_restarted_between_the_publish_and_its_confirmation_publishes_agai
     wait_for(lambda: not outbox_rows(agent.config.outbox_db), 20, message="the outbox to drain")
     assert redis_server.client().get(agent.config.result_key(command_id)) is not None, \
         "published again on the new Redis, result key included"
+
+
+def test_a_confirmed_answer_is_not_published_again_when_redis_comes_back(running_agent, make_backend, redis_server):
+    """Chaos found it: a Redis restart made every held row due, including answers the intake had
+    already confirmed and that only waited for their DELETE; the flusher sent them again."""
+    agent = running_agent()
+    agent.flusher.delete_after = 30.0  # confirmed, and still in the outbox when Redis restarts
+    backend = make_backend(agent.config.agent_id)
+    command_id = backend.send("echo", {"message": "once"})
+    assert backend.wait(command_id)["output"] == "once"
+    wait_for(lambda: agent.flusher.unconfirmed, 10, message="the flusher to take the confirmed row")
+    republished = []
+    real_publish = agent.flusher.publish
+    agent.flusher.publish = lambda rows: republished.extend(r["command_id"] for r in rows) or real_publish(rows)
+
+    redis_server.restart()
+    wait_for(lambda: agent.redis_connected.is_set() and backend.subscribed.is_set()
+             and redis_server.client().pubsub_numsub(f"cockpit-agent:{agent.config.agent_id}")[0][1] == 1, 30,
+             message="the agent and the backend to subscribe again")
+    assert backend.call("echo", {"message": "after"})["output"] == "after"  # the flusher has run since
+    agent.flusher.delete_after = 0.0
+    agent.outbox_wake.set()
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the outbox to drain")
+    assert command_id not in republished
+    assert len(backend.responses_for(command_id)) == 1

@@ -88,6 +88,15 @@ def test_outbox_order_retry_and_delivery(store):
     assert [r["id"] for r in store.due(10)] == ids[:1]
 
 
+def test_retry_all_now_keeps_the_rows_being_confirmed(store):
+    ids = [store.enqueue(message(f"c{i}"), hold_until=10**12) for i in range(4)]
+    assert store.due(10) == []
+    assert store.retry_all_now(keep=[ids[0], ids[2]]) == 2
+    assert [r["id"] for r in store.due(10)] == [ids[1], ids[3]]
+    assert store.retry_all_now(keep=[ids[0]]) == 1  # the temp list is rebuilt each time
+    assert [r["id"] for r in store.due(10)] == ids[1:]
+
+
 def test_pending_after_a_crash(tmp_path):
     path = str(tmp_path / "o.db")
     first = Store(path)
