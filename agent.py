@@ -1301,24 +1301,30 @@ class Agent:
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
-        """Signal handler: the first signal asks for a graceful stop, the second for an immediate one."""
+        """The first SIGTERM/SIGINT asks for a graceful stop, the second for an immediate one.
+
+        Called by the SignalWatcher's thread, never inside a signal handler (it takes locks).
+        """
         if self.stop_requested.is_set():
             self.force_stop.set()
         self.stop_requested.set()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code."""
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        self.start()
-        died = False
-        while not self.stop_requested.wait(1.0):
-            for thread in self.threads():
-                if not thread.is_alive():
-                    log.critical("%s died; stopping so that systemd restarts the agent", thread.name)
-                    died = True
-                    self.stop_requested.set()
-        code = self.shutdown()
+        signals = SignalWatcher(self.request_stop)
+        signals.install()
+        try:
+            self.start()
+            died = False
+            while not self.stop_requested.wait(1.0):
+                for thread in self.threads():
+                    if not thread.is_alive():
+                        log.critical("%s died; stopping so that systemd restarts the agent", thread.name)
+                        died = True
+                        self.stop_requested.set()
+            code = self.shutdown()
+        finally:
+            signals.close()
         # A non-zero exit is what makes Restart=on-failure restart us; 0 would mean "done".
         return EX_SOFTWARE if died and code == 0 else code
 
@@ -1381,6 +1387,58 @@ class Agent:
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0
+
+
+class SignalWatcher(threading.Thread):
+    """Turns SIGTERM and SIGINT into calls of ``on_signal`` on a thread of its own.
+
+    A Python signal handler runs on the main thread between two bytecodes, possibly while that
+    thread holds the lock inside ``Event.wait``; a handler that called ``Event.set()`` on the
+    same event deadlocked the agent (a SIGTERM that landed as the main loop's 1 s wait ended:
+    the process never stopped). So the handler does nothing, and ``signal.set_wakeup_fd``
+    writes each signal's number to a pipe (in C, async-signal-safe), read here. Install and
+    close from the main thread.
+    """
+
+    def __init__(self, on_signal: Callable[[int], Any], signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        super().__init__(name="cockpit-agent-signals", daemon=True)
+        self.on_signal, self.signums = on_signal, signums
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # a full pipe drops a byte, never blocks the handler
+        self._previous: dict[int, Any] = {}
+        self._previous_fd = -1
+
+    @staticmethod
+    def _noted(signum: int, frame: Any) -> None:
+        """The Python-level handler: nothing (the wake-up fd carries the signal)."""
+
+    def install(self) -> None:
+        """Route the signals here; until ``close``."""
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in self.signums:
+            self._previous[signum] = signal.signal(signum, self._noted)
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:  # close(): the write end is gone
+                return
+            for signum in data:
+                if signum in self.signums:
+                    self.on_signal(signum)
+
+    def close(self) -> None:
+        """Restore the previous handlers and stop the thread."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)
+        self.join(5.0)
+        os.close(self._read)
 
 
 def setup_logging(config: Config | None, level: str = "INFO") -> None:
