@@ -321,6 +321,7 @@ class Intake:
         self._jobs: list[Job] = []  # to queue for the workers
         self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # audit, metrics
+        self._on_arrival = True  # this transaction's answers are published by this thread
 
     def handle_many(self, batch: list[bytes]) -> None:
         """Accept messages that arrived together in one transaction (one commit, not one each).
@@ -360,9 +361,15 @@ class Intake:
         self._committed()
         return True
 
+    # A group of at most this many messages has its answers published by this thread on
+    # arrival (the latency of a lone command); a bigger one (a burst) leaves them to the
+    # flusher, which publishes in parallel while this thread accepts the next group.
+    publish_on_arrival_max = 8
+
     def _accept(self, batch: list[bytes]) -> None:
         """Record ``batch`` in one transaction; on failure nothing of it is kept (or done)."""
         self._jobs, self._answers, self._after_commit = [], [], []
+        self._on_arrival = len(batch) <= self.publish_on_arrival_max
         try:
             with self.store.immediate():
                 for data in batch:
@@ -378,8 +385,10 @@ class Intake:
         self._jobs, self._answers, self._after_commit = [], [], []
         for job in jobs:
             self.agent.pool.submit(job)
-        if answers:
+        if answers and self._on_arrival:
             self._publish(answers)
+        elif answers:
+            self.agent.outbox_wake.set()
         for fn, args in after:
             fn(*args)
 
@@ -411,8 +420,9 @@ class Intake:
             self.agent.outbox_wake.set()
 
     def _hold(self) -> float:
-        """``next_attempt_at`` of an answer this intake publishes itself once it is committed."""
-        return time.time() + Flusher.hold_seconds
+        """``next_attempt_at`` of an answer: held while this thread publishes it itself once it
+        is committed, due at once for the flusher otherwise."""
+        return time.time() + Flusher.hold_seconds if self._on_arrival else 0.0
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -1119,7 +1129,8 @@ class Flusher(Loop):
         if run_id is None:  # no way to confirm (INFO refused): a PUBLISH with receivers is final
             self.store.delivered(delivered)
         else:
-            self.store.hold(delivered, now + self.hold_seconds)
+            if self.confirm_after > 0:  # confirmed on a later pass: out of ``due`` meanwhile
+                self.store.hold(delivered, now + self.hold_seconds)
             published_at = time.monotonic()
             for outbox_id in delivered:
                 self.unconfirmed[outbox_id] = (run_id, published_at)

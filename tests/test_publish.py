@@ -185,3 +185,23 @@ def test_a_confirmed_answer_is_not_published_again_when_redis_comes_back(running
     wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the outbox to drain")
     assert command_id not in republished
     assert len(backend.responses_for(command_id)) == 1
+
+
+def test_a_burst_is_answered_through_the_flusher_each_answer_once(running_agent, make_backend, redis_server):
+    """Groups bigger than publish_on_arrival_max leave their answers to the flusher, which
+    publishes them while the listener accepts the next group."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    published_by_flusher = []
+    real_publish = agent.flusher.publish
+    agent.flusher.publish = lambda rows: published_by_flusher.extend(r["command_id"] for r in rows) or real_publish(rows)
+    messages = [backend.message("echo", {"message": str(i)}) for i in range(300)]
+    pipe = redis_server.client().pipeline(transaction=False)
+    for message in messages:
+        pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message))
+    pipe.execute()
+    for message in messages:
+        assert backend.wait(message["command_id"], 30)["output"] == message["params"]["message"]
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the outbox to drain")
+    assert len(published_by_flusher) > agent.listener.intake.publish_on_arrival_max
+    assert all(len(backend.responses_for(m["command_id"])) == 1 for m in messages)
