@@ -63,6 +63,8 @@ def test_a_repeated_echo_while_its_answer_is_held_is_answered_again(running_agen
     conn = sqlite3.connect(agent.config.outbox_db)
     assert conn.execute("SELECT count(*) FROM commands WHERE command_id = 'asked-twice'").fetchone()[0] == 1
     conn.close()
+    agent.flusher.delete_after = 0.0  # let the stop find an empty outbox at once
+    agent.outbox_wake.set()
 
 
 def test_an_answer_no_one_hears_goes_to_the_flusher_and_reaches_a_late_subscriber(running_agent, make_backend,
