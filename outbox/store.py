@@ -274,9 +274,20 @@ class Store:
 
     def delivered(self, ids: list[int]) -> None:
         """Delete delivered messages."""
-        if ids:
-            with self.immediate():
-                self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        self._by_ids("DELETE FROM outbox WHERE id IN ({})", [], ids)
+
+    # One statement for a whole batch of ids, not one per id (executemany): each statement
+    # releases and re-takes the GIL, and with the listener busy each re-take waited for its
+    # turn, so deleting a published batch of 500 took 40 ms of the flusher's time.
+    _IDS_PER_STATEMENT = 500  # well under SQLite's oldest limit of 999 variables
+
+    def _by_ids(self, sql: str, params: list[Any], ids: list[int]) -> None:
+        if not ids:
+            return
+        with self.immediate():
+            for start in range(0, len(ids), self._IDS_PER_STATEMENT):
+                chunk = ids[start:start + self._IDS_PER_STATEMENT]
+                self.db.conn.execute(sql.format(",".join("?" * len(chunk))), [*params, *chunk])
 
     def unheard(self, retries: list[tuple[int, float]], now: float) -> None:
         """Reschedule messages that reached no receiver: ``(id, next_attempt_at)`` pairs."""
@@ -290,15 +301,11 @@ class Store:
 
     def hold(self, ids: list[int], until: float) -> None:
         """Keep published messages out of ``due`` until ``until`` (unix s) while they are confirmed."""
-        if ids:
-            with self.immediate():
-                self.db.conn.executemany("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [(until, i) for i in ids])
+        self._by_ids("UPDATE outbox SET next_attempt_at = ? WHERE id IN ({})", [until], ids)
 
     def due_now(self, ids: list[int]) -> None:
         """Make these messages due at once (their publication was lost with a Redis restart)."""
-        if ids:
-            with self.immediate():
-                self.db.conn.executemany("UPDATE outbox SET next_attempt_at = 0 WHERE id = ?", [(i,) for i in ids])
+        self._by_ids("UPDATE outbox SET next_attempt_at = 0 WHERE id IN ({})", [], ids)
 
     def retry_all_now(self, keep: list[int] | tuple[int, ...] = ()) -> int:
         """Make every waiting message due now (Redis is back; no reason to wait out a backoff),
