@@ -11,24 +11,13 @@
 # INSTALL_VENV=0 skips creating the venv (the suite's quick staged test).
 set -eu
 
-DESTDIR=${DESTDIR:-}
 PYTHON=${PYTHON:-python3}
 INSTALL_VENV=${INSTALL_VENV:-1}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-
-AGENT_USER=cockpit-agent
-APP=/opt/cockpit-agent
-CONF=/etc/cockpit-agent
-STATE=/var/lib/cockpit-agent
-UNIT=/etc/systemd/system/cockpit-agent.service
-WRAPPER=/usr/local/bin/cockpit-agent
-ENV_FILE=$CONF/agent.env
+. "$SRC/scripts/layout.sh"
 # The application: every top-level module plus these; tests, venvs and caches stay behind.
 APP_DIRS="handlers outbox systemd docs"
 APP_FILES="requirements.txt .env.example"
-
-live() { [ -z "$DESTDIR" ]; }
-say() { echo "==> $*"; }
 
 if live && [ "$(id -u)" != 0 ]; then
     echo "make install: run it as root (sudo make install), or stage it with DESTDIR=/some/dir" >&2

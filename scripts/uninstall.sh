@@ -5,17 +5,8 @@
 # DESTDIR works as for install.sh.
 set -eu
 
-DESTDIR=${DESTDIR:-}
 PURGE=${PURGE:-0}
-AGENT_USER=cockpit-agent
-APP=/opt/cockpit-agent
-CONF=/etc/cockpit-agent
-STATE=/var/lib/cockpit-agent
-UNIT=/etc/systemd/system/cockpit-agent.service
-WRAPPER=/usr/local/bin/cockpit-agent
-
-live() { [ -z "$DESTDIR" ]; }
-say() { echo "==> $*"; }
+. "$(cd "$(dirname "$0")" && pwd)/layout.sh"
 
 if live && [ "$(id -u)" != 0 ]; then
     echo "make uninstall: run it as root, or with DESTDIR=/some/dir" >&2
