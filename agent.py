@@ -367,16 +367,14 @@ class Intake:
     publish_on_arrival_max = 8
 
     def _accept(self, batch: list[bytes]) -> None:
-        """Record ``batch`` in one transaction; on failure nothing of it is kept (or done)."""
+        """Record ``batch`` in one transaction. On failure nothing of it is kept, and nothing is done:
+        its jobs, answers and audit lines wait in lists that only ``_committed`` acts on (and the
+        next ``_accept`` clears)."""
         self._jobs, self._answers, self._after_commit = [], [], []
         self._on_arrival = len(batch) <= self.publish_on_arrival_max
-        try:
-            with self.store.immediate():
-                for data in batch:
-                    self._handle(data)
-        except BaseException:
-            self._jobs, self._answers, self._after_commit = [], [], []
-            raise
+        with self.store.immediate():
+            for data in batch:
+                self._handle(data)
 
     def _committed(self) -> None:
         """What the last transaction recorded, now that it is committed: queue its jobs, publish
@@ -412,8 +410,9 @@ class Intake:
             self.agent.flusher.handover(published, None if self.publisher.confirm() else run_id)
         if len(published) < len(ids):
             # No receiver (the flusher retries with backoff), refused, or Redis unreachable.
+            went_out = set(published)
             try:
-                self.store.due_now([i for i in ids if i not in set(published)])
+                self.store.due_now([i for i in ids if i not in went_out])
             except sqlite3.Error as exc:  # they stay held, and are due once the hold ends
                 self.log.warning("could not hand %d answers to the flusher (%s); they go out within %d s",
                                  len(ids) - len(published), exc, Flusher.hold_seconds)
@@ -985,17 +984,17 @@ class Flusher(Loop):
 
     batch = 500
 
-    def setup(self) -> None:
-        self.store = self.agent.open_store()
-        self.client = self.agent.redis
-        # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
-        self.unconfirmed: dict[int, tuple[str | None, float]] = {}
-
     def __init__(self, name: str, agent: Agent):
         super().__init__(name, agent)
         self._handed: list[tuple[int, str | None, float]] = []  # from other threads, see ``handover``
         self._handed_lock = threading.Lock()
         self._confirm_timer = False  # the flusher's wait ends in time to confirm (no wake needed)
+
+    def setup(self) -> None:
+        self.store = self.agent.open_store()
+        self.client = self.agent.redis
+        # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
+        self.unconfirmed: dict[int, tuple[str | None, float]] = {}
 
     def pause(self, delay: float) -> None:
         # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
