@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +74,13 @@ def is_text(value: Any) -> bool:
     return True
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _usable_command_id(value: Any) -> str | None:
     if not is_text(value) or not 1 <= len(value) <= COMMAND_ID_MAX:
         return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL_CHARACTER.search(value):
         return None
     return value
 
@@ -209,6 +213,10 @@ def verify(message: dict[str, Any], secret: str) -> bool:
     return hmac.compare_digest(sign(message, secret), signature.lower())
 
 
+# json.dumps builds a new encoder on every call that passes separators; this one is reused.
+_compact_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode(message: dict[str, Any]) -> str:
     """JSON text for the wire; ASCII-only, so any input (even lone surrogates) encodes."""
-    return json.dumps(message, separators=(",", ":"))
+    return _compact_encode(message)

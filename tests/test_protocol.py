@@ -47,6 +47,9 @@ def test_parse_defaults_params_and_keeps_fields():
         (b'{"command_id": "", "command": "echo"}', "command_id must be a string"),
         (json.dumps({"command_id": "x" * 129, "command": "echo"}).encode(), "1 to 128"),
         (b'{"command_id": "a\\nb", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u0000b", "command": "echo"}', "printable"),
+        (b'{"command_id": "\\u001f", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u007f", "command": "echo"}', "printable"),
     ],
 )
 def test_unanswerable_messages_have_no_command_id(data, reason):
@@ -54,6 +57,11 @@ def test_unanswerable_messages_have_no_command_id(data, reason):
         parse(data)
     assert info.value.command_id is None
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize("command_id", ["a b", "caf\u00e9-1", "~!@#$%^&*()"])
+def test_printable_command_ids_are_accepted(command_id):
+    assert parse(json.dumps({"command_id": command_id, "command": "echo"})).command_id == command_id
 
 
 @pytest.mark.parametrize(
