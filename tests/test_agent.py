@@ -238,3 +238,52 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
     assert agent.executed == 1
     assert store.get("e1")["state"] == "done" and store.get("g1") is None
     store.close()
+
+
+def test_messages_that_arrive_together_are_accepted_together(agent, backend, redis_server):
+    """A burst is accepted in groups (one transaction each), not one message at a time: the
+    listener sees what is already buffered or waiting on its socket without a blocking read."""
+    sizes = []
+    intake = agent.listener.intake
+    handle_many = intake.handle_many
+    intake.handle_many = lambda batch: (sizes.append(len(batch)), handle_many(batch))
+    client = redis_server.client()
+    messages = [backend.message("echo", {"message": f"m{i}"}) for i in range(200)]
+    pipe = client.pipeline(transaction=False)
+    for message in messages:
+        pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message))
+    pipe.execute()
+    for message in messages:
+        backend.wait(message["command_id"])
+    assert sum(sizes) == 200
+    assert max(sizes) > 1 and len(sizes) < 100, sizes
+
+
+def test_a_command_read_just_before_redis_died_is_still_answered(agent, backend, redis_server):
+    """The command reaches the listener's socket, then Redis dies, both before the listener
+    reads: looking for more messages behind it then fails. The command already read is
+    accepted first (pub/sub never delivers it again), and answered once Redis is back."""
+    import threading
+
+    pubsub = agent.listener.pubsub
+    holding, release = threading.Event(), threading.Event()
+    get_message = pubsub.get_message
+
+    def held_get_message(*args, **kwargs):
+        if not holding.is_set() and kwargs.get("timeout") == 0.5:
+            holding.set()
+            release.wait(10)
+        return get_message(*args, **kwargs)
+
+    pubsub.get_message = held_get_message
+    assert holding.wait(5), "the listener did not come back to read"
+    command_id = backend.send("echo", {"message": "last words"})
+    redis_server.client().ping()  # a later round trip: the command has been written to the listener
+    redis_server.kill()
+    release.set()
+    wait_for(lambda: agent.open_store().get(command_id) is not None, 15, message="the command to be recorded")
+    redis_server.start()
+    assert backend.wait(command_id, 30)["output"] == "last words"
+    channel = f"cockpit-agent:{agent.config.agent_id}"
+    wait_for(lambda: redis_server.client().pubsub_numsub(channel)[0][1] == 1, 15, message="the agent to subscribe again")
+    assert backend.call("echo", {"message": "back"})["output"] == "back"
