@@ -4,7 +4,8 @@
 ``serve``: subscribe to the command channel, parse each command as JSON, publish a reply on
 the response channel, one PUBLISH per command; it writes ``status=online`` in the registry
 once the subscription is confirmed, like the agent. Nothing is written to disk, so a crash
-loses whatever was in flight.
+loses whatever was in flight. With OUTBOX_DB set it is the durable floor instead: each command
+and its answer are committed to SQLite before the PUBLISH (``Durable``).
 
 ``catchup``: the floor for draining a backlog: read N payloads (one JSON per line) into memory,
 print ``ready``, wait for a line on stdin, then PUBLISH them in pipelines of 500 (the batch
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -31,7 +34,40 @@ def client() -> redis.Redis:
     )
 
 
+SCHEMA = (Path(__file__).resolve().parent.parent / "outbox" / "schema.sql").read_text()
+
+
+class Durable:
+    """The least a responder must do to lose nothing on SIGKILL: commit the command and its
+    answer to SQLite (the agent's schema, WAL, synchronous=NORMAL) before the PUBLISH, and
+    delete the answer once published (in one DELETE per 100). No checks, no retries."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.published: list[int] = []
+
+    def record(self, cmd: dict, channel: str, reply: str) -> None:
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("INSERT INTO commands (command_id, command, params, state, received_at, response) "
+                        "VALUES (?, ?, ?, 'done', ?, ?)",
+                        (cmd["command_id"], cmd.get("command", ""), json.dumps(cmd.get("params") or {}), now, reply))
+        self.published.append(self.db.execute(
+            "INSERT INTO outbox (channel, payload, command_id, created_at) VALUES (?, ?, ?, ?)",
+            (channel, reply, cmd["command_id"], now)).lastrowid)
+        self.db.execute("COMMIT")
+
+    def delivered(self) -> None:
+        if len(self.published) >= 100:
+            self.db.execute(f"DELETE FROM outbox WHERE id IN ({','.join(map(str, self.published))})")
+            self.published = []
+
+
 def serve(agent_id: str) -> None:
+    durable = Durable(os.environ["OUTBOX_DB"]) if os.environ.get("OUTBOX_DB") else None
     r = client()
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(f"cockpit-agent:{agent_id}")
@@ -55,7 +91,12 @@ def serve(agent_id: str) -> None:
             continue
         reply["execution_time_ms"] = int((time.monotonic() - start) * 1000)
         reply["timestamp"] = int(time.time())
-        r.publish(channel, json.dumps(reply, separators=(",", ":")))
+        text = json.dumps(reply, separators=(",", ":"))
+        if durable is not None:
+            durable.record(cmd, channel, text)
+        r.publish(channel, text)
+        if durable is not None:
+            durable.delivered()
 
 
 def catchup(path: str, batch: int = 500) -> None:

@@ -5,7 +5,10 @@ Three subjects, each a child process with its own private redis-server:
 
 * ``bare``  - bench/bare_responder.py: subscribe, parse, publish a reply; no durability;
 * ``agent`` - ``python -m agent run`` as the unit starts it (OUTBOX_SYNCHRONOUS=NORMAL, the default);
-* ``full``  - the same with OUTBOX_SYNCHRONOUS=FULL (an fsync per commit).
+* ``full``  - the same with OUTBOX_SYNCHRONOUS=FULL (an fsync per commit);
+
+and, in the echo scenario only, ``durable``: the bare responder plus one SQLite commit of the
+command and its answer before each PUBLISH, the least that loses nothing on SIGKILL.
 
 The machine is shared and noisy, so every agent figure is also given as a ratio to the bare
 responder measured in the same run, and the sequential echo interleaves the subjects command
@@ -255,14 +258,22 @@ def agent_subject(name: str, workdir: Path, repo: Path, synchronous: str) -> Sub
     return Subject(name, [sys.executable, "-m", "agent", "run"], env, workdir, cwd=ROOT)
 
 
-def bare_subject(workdir: Path) -> Subject:
+def bare_subject(workdir: Path, name: str = "bare") -> Subject:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "REDIS_HOST": "127.0.0.1",
         "REDIS_PASSWORD": PASSWORD,
-        "AGENT_ID": f"bench-bare-{uuid.uuid4().hex[:6]}",
+        "AGENT_ID": f"bench-{name}-{uuid.uuid4().hex[:6]}",
     }
-    return Subject("bare", [sys.executable, str(ROOT / "bench" / "bare_responder.py")], env, workdir)
+    return Subject(name, [sys.executable, str(ROOT / "bench" / "bare_responder.py")], env, workdir)
+
+
+def durable_subject(workdir: Path) -> Subject:
+    """The bare responder plus the one thing durability cannot do without: a SQLite commit of
+    the command and its answer before the PUBLISH. The floor under the agent's echo latency."""
+    s = bare_subject(workdir, "durable")
+    s.env["OUTBOX_DB"] = str(workdir / "outbox.db")
+    return s
 
 
 # -- git ------------------------------------------------------------------------------------------
@@ -620,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "params": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime())}
     profilers: list[subprocess.Popen] = []
+    durable: Subject | None = None
     try:
         log(f"machine: {results['machine']}")
         # Start (and restart) each subject a few times; the median is reported.
@@ -629,11 +641,13 @@ def main(argv: list[str] | None = None) -> int:
                 if round_:
                     s.stop_process()
                 starts[s.name].append(s.start())
+        durable = durable_subject(base / "durable")  # in the echo scenario only
+        durable.start()
         results["start"] = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"runs": runs}
                             for name, runs in starts.items()}
         log(f"start (median of {args.rounds}): " + ", ".join(
             f"{name} {r['online_s']:.3f} s" for name, r in results["start"].items()))
-        for s in subjects:  # warm-up: connections, code paths, SQLite pages
+        for s in [*subjects, durable]:  # warm-up: connections, code paths, SQLite pages
             for _ in range(50):
                 s.call()
         for s in subjects:
@@ -645,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profilers = start_profilers(Path(args.profile), [by_name["agent"]], "echo+burst")
         log(f"echo: {args.echo} sequential round trips per subject, interleaved")
-        results["echo"] = scenario_echo(subjects, args.echo)
+        results["echo"] = scenario_echo([*subjects, durable], args.echo)
+        durable.stop()
         log(f"burst: {args.burst} commands in one pipeline per subject, {args.rounds} rounds, interleaved")
         bursts: dict[str, list[dict]] = {s.name: [] for s in subjects}
         for _ in range(args.rounds):
@@ -686,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_profilers(profilers)
         for s in subjects:
             s.stop()
+        if durable is not None:
+            durable.stop()
         if args.keep:
             log(f"work directory kept: {base}")
         else:
@@ -709,6 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in agents:
         missed = [v["target"] for v in results["verdicts"][name].values() if not v["met"]]
         print(f"{name}: {'all targets met' if not missed else 'missed: ' + '; '.join(missed)}")
+    e = results["echo"]
+    print(f"\nDurable floor (the bare responder + one SQLite commit of the command and its answer before the "
+          f"PUBLISH, NORMAL): echo p50 {e['durable']['p50_ms']:.2f} ms = {e['durable']['p50_ms'] / e['bare']['p50_ms']:.2f}x "
+          f"bare; " + ", ".join(f"{name} {e[name]['p50_ms'] / e['durable']['p50_ms']:.2f}x it" for name in agents))
     print("\nRSS of a Python that has only imported: " + "; ".join(
         f"{label} {mb:.1f} MB" for label, mb in results["import_floor_mb"].items()))
     c = results["commit"]
