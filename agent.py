@@ -1088,9 +1088,17 @@ class Flusher(Loop):
             self.unconfirmed[outbox_id] = (run_id, when)
 
     def confirm(self) -> None:
-        """Delete the held rows whose Redis is still the same; publish again those it is not."""
+        """Delete the held rows whose Redis is still the same; publish again those it is not.
+
+        Rows already confirmed by the thread that published them go together, all of them, once
+        the oldest has waited ``delete_after``. Taking each as it came of age woke this thread
+        every 10 ms during a stream of echos, and every DELETE made the listener read its pages
+        again at its next commit.
+        """
         now = time.monotonic()
-        ready = [i for i, (run_id, when) in self.unconfirmed.items() if now - when >= self._delay(run_id)]
+        batch = any(run_id is None and now - when >= self.delete_after for run_id, when in self.unconfirmed.values())
+        ready = [i for i, (run_id, when) in self.unconfirmed.items()
+                 if (batch if run_id is None else now - when >= self.confirm_after)]
         if not ready:
             return
         if all(self.unconfirmed[i][0] is None for i in ready):

@@ -47,6 +47,28 @@ def test_an_echo_is_published_by_the_intake_held_then_confirmed(running_agent, m
     assert len(backend.responses_for(command_id)) == 1
 
 
+def test_confirmed_answers_are_deleted_together_not_as_each_comes_of_age(running_agent, make_backend):
+    """A stream of echos: their rows go in one DELETE once the oldest has waited delete_after,
+    not one small DELETE every 10 ms (each of which made the listener re-read its pages)."""
+    agent = running_agent()
+    agent.flusher.delete_after = 2.0  # the whole stream below fits in one window
+    backend = make_backend(agent.config.agent_id)
+    deletes: list[int] = []
+    delivered = agent.flusher.store.delivered
+    agent.flusher.store.delivered = lambda ids: (deletes.append(len(ids)) if ids else None, delivered(ids))[1]
+    t0 = time.monotonic()
+    ids = []
+    for i in range(40):
+        ids.append(backend.send("echo", {"message": f"m{i}"}))
+        time.sleep(0.005)  # a stream, not a burst: each answer is handed over on its own
+    for command_id in ids:
+        backend.wait(command_id)
+    assert time.monotonic() - t0 < 1.5, "the stream took longer than the window; the test says nothing"
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the rows to be deleted")
+    assert sum(deletes) == 40
+    assert len(deletes) == 1, deletes
+
+
 def test_a_repeated_echo_while_its_answer_is_held_is_answered_again(running_agent, make_backend):
     """Held only for confirmation is not 'waiting to be published': a backend that asks again
     (it missed the first copy) gets the stored response again, without a second run."""
