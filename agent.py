@@ -230,7 +230,8 @@ class Loop(threading.Thread):
     again; the backoff resets after a success. ``last_progress`` tells the watchdog it lives.
     """
 
-    backoff_cap = 5.0
+    backoff_cap = 5.0  # the longest wait after a failed iteration
+    reconnect_cap = 5.0  # the same, when it failed because Redis could not be reached
 
     def __init__(self, name: str, agent: Agent):
         super().__init__(name=f"cockpit-agent-{name}", daemon=True)
@@ -239,6 +240,7 @@ class Loop(threading.Thread):
         self.log = logging.getLogger(f"cockpit_agent.{name}")
         self.stop = threading.Event()
         self.backoff = Backoff(cap=self.backoff_cap)
+        self.reconnect_backoff = Backoff(cap=self.reconnect_cap)
         self.last_progress = time.monotonic()
         self.failing_since: float | None = None
 
@@ -267,6 +269,10 @@ class Loop(threading.Thread):
         else:
             self.log.exception("iteration failed; retrying")
 
+    def retry_delay(self, exc: Exception) -> float:
+        """How long to wait after an iteration failed with ``exc``."""
+        return (self.reconnect_backoff if isinstance(exc, REDIS_DOWN) else self.backoff).next()
+
     def run(self) -> None:
         while not self.stop.is_set():
             try:
@@ -282,12 +288,13 @@ class Loop(threading.Thread):
                 self.on_error(exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                self.pause(self.backoff.next())
+                self.pause(self.retry_delay(exc))
             else:
                 if self.failing_since is not None:
                     self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
                     self.failing_since = None
                 self.backoff.reset()
+                self.reconnect_backoff.reset()
             self.last_progress = time.monotonic()
         try:
             self.teardown()
@@ -584,6 +591,10 @@ class Listener(Loop):
 
     liveness_message = b"cockpit-agent-liveness"
     group_max = 200  # messages accepted in one transaction, at most
+    # Its reconnect is what sends the backlog out once Redis is back (it wakes the flusher),
+    # so while Redis cannot be reached it tries again every 0.5-1 s, not every 2.5-5 s: each
+    # try is then one refused TCP connect, and the jitter spreads a fleet's reconnects.
+    reconnect_cap = 1.0
 
     def setup(self) -> None:
         self.client = self.config.redis_client()

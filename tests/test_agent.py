@@ -287,3 +287,17 @@ def test_a_command_read_just_before_redis_died_is_still_answered(agent, backend,
     channel = f"cockpit-agent:{agent.config.agent_id}"
     wait_for(lambda: redis_server.client().pubsub_numsub(channel)[0][1] == 1, 15, message="the agent to subscribe again")
     assert backend.call("echo", {"message": "back"})["output"] == "back"
+
+
+def test_the_listener_tries_redis_again_within_a_second_other_errors_back_off_further(agent_env, config_from):
+    """While Redis cannot be reached the listener retries every 0.5-1 s (its reconnect sends the
+    backlog out once Redis is back); any other failure still backs off up to 5 s."""
+    import redis
+
+    from agent import Agent, Listener
+
+    listener = Listener("listener", Agent(config_from(agent_env)))  # not started: delays only
+    down = [listener.retry_delay(redis.ConnectionError("refused")) for _ in range(20)]
+    assert max(down) <= 1.0 and min(down[3:]) >= 0.5, down
+    other = [listener.retry_delay(redis.ResponseError("NOPERM")) for _ in range(20)]
+    assert max(other) > 2.5 and max(other) <= 5.0, other
