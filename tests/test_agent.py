@@ -301,3 +301,26 @@ def test_the_listener_tries_redis_again_within_a_second_other_errors_back_off_fu
     assert max(down) <= 1.0 and min(down[3:]) >= 0.5, down
     other = [listener.retry_delay(redis.ResponseError("NOPERM")) for _ in range(20)]
     assert max(other) > 2.5 and max(other) <= 5.0, other
+
+
+def test_a_stop_does_not_wait_for_answers_no_one_is_subscribed_to_hear(running_agent, make_backend, redis_server):
+    """With the backend away, a stop leaves its answers in the outbox at once instead of waiting
+    out its 5 s for them; the next start delivers them."""
+    import time
+
+    agent = running_agent()
+    message = {"command_id": "while-away", "command": "echo", "params": {"message": "later"}}
+    assert redis_server.client().publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message)) == 1
+    store = agent.open_store()
+    wait_for(lambda: store.db.execute("SELECT count(*) FROM outbox WHERE unheard_since IS NOT NULL").fetchone()[0] == 1,
+             10, message="the answer to find no receiver")
+    agent.stop_requested.set()
+    t0 = time.monotonic()
+    agent.shutdown()
+    assert time.monotonic() - t0 < 3.0, "the stop waited for an answer no one could hear"
+    assert [r[0] for r in store.db.execute("SELECT command_id FROM outbox")] == ["while-away"]
+    store.close()
+
+    again = running_agent()
+    backend = make_backend(again.config.agent_id)
+    assert backend.wait("while-away", 30)["output"] == "later"
