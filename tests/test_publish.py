@@ -51,7 +51,7 @@ def test_confirmed_answers_are_deleted_together_not_as_each_comes_of_age(running
     """A stream of echos: their rows go in one DELETE once the oldest has waited delete_after,
     not one small DELETE every 10 ms (each of which made the listener re-read its pages)."""
     agent = running_agent()
-    agent.flusher.delete_after = 2.0  # the whole stream below fits in one window
+    agent.flusher.delete_after = 4.0  # the whole stream below fits in one window, even on a busy machine
     backend = make_backend(agent.config.agent_id)
     deletes: list[int] = []
     delivered = agent.flusher.store.delivered
@@ -63,8 +63,8 @@ def test_confirmed_answers_are_deleted_together_not_as_each_comes_of_age(running
         time.sleep(0.005)  # a stream, not a burst: each answer is handed over on its own
     for command_id in ids:
         backend.wait(command_id)
-    assert time.monotonic() - t0 < 1.5, "the stream took longer than the window; the test says nothing"
-    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the rows to be deleted")
+    assert time.monotonic() - t0 < 3.5, "the stream took longer than the window; the test says nothing"
+    wait_for(lambda: not outbox_rows(agent.config.outbox_db), 15, message="the rows to be deleted")
     assert sum(deletes) == 40
     assert len(deletes) == 1, deletes
 
