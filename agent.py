@@ -652,9 +652,9 @@ class Listener(Loop):
                             break
                         if more["type"] == "message":
                             batch.append(more["data"])
-                except REDIS_DOWN:
-                    # The connection broke behind messages already read: they are accepted
-                    # first (pub/sub never delivers them again), then the reconnect follows.
+                except Exception:
+                    # E.g. the connection broke behind messages already read: they are accepted
+                    # first (pub/sub never delivers them again), then the error is handled.
                     self._accept(batch, now)
                     raise
                 self._accept(batch, now)
@@ -674,7 +674,11 @@ class Listener(Loop):
         sock = getattr(connection, "_sock", None)
         if sock is None or not hasattr(buffer, "unread_bytes"):
             return True
-        return bool(buffer.unread_bytes()) or bool(select.select([sock], [], [], 0)[0])
+        if buffer.unread_bytes():
+            return True
+        poller = select.poll()  # not select.select: it refuses descriptors above 1023
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _accept(self, batch: list[bytes], now: float) -> None:
         commands = []
