@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -638,7 +639,7 @@ class Listener(Loop):
         if self.pubsub is None:
             self._subscribe()
         # Half a second: how long a stop waits for this thread, at two idle wake-ups a second.
-        message = self.pubsub.get_message(timeout=0.5)
+        message = self._next_message(0.5)
         now = time.monotonic()
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
@@ -646,8 +647,8 @@ class Listener(Loop):
                 # What else has already arrived is accepted with it, in one transaction.
                 batch = [message["data"]]
                 try:
-                    while len(batch) < self.group_max and self._more_arrived():
-                        more = self.pubsub.get_message(timeout=0)
+                    while len(batch) < self.group_max and self._buffered():
+                        more = self._next_message(0)
                         if more is None:
                             break
                         if more["type"] == "message":
@@ -661,24 +662,44 @@ class Listener(Loop):
         self._check_liveness(now)
         self._check_subscription(time.monotonic())
 
-    def _more_arrived(self) -> bool:
-        """Is another message already here, read from the socket or waiting in it?
+    def _next_message(self, wait: float) -> dict[str, Any] | None:
+        """The next message from the subscription: waits up to ``wait`` s for one to start
+        arriving, then up to the socket timeout for the rest of it.
 
-        One poll() that does not wait. Asking redis-py (get_message with timeout 0) costs
-        three system calls even when nothing is there, two of them to change the socket's
-        timeout and back: 17 us of every lone command's round trip. With a parser this does
-        not know (hiredis), it answers yes and lets get_message tell.
+        redis-py's get_message(timeout=t) spends the same t on both, and when a message has
+        only partly arrived by then (split across TCP segments or TLS records, the rest a few
+        ms behind) it reconnects, silently dropping that message and everything behind it.
+        With t = 0, to see whether more had arrived, a network that split a burst lost most of
+        it. So the wait for a message to start is done here, and redis-py is only asked once
+        there is something to read. A parser this does not know (hiredis) gets the old call.
         """
-        connection = self.pubsub.connection
-        buffer = getattr(getattr(connection, "_parser", None), "_buffer", None)
-        sock = getattr(connection, "_sock", None)
-        if sock is None or not hasattr(buffer, "unread_bytes"):
+        buffered = self._buffered()
+        if buffered is None:
+            return self.pubsub.get_message(timeout=wait)
+        if not buffered and not self._readable(wait):
+            return None
+        return self.pubsub.get_message(timeout=self.config.redis_socket_timeout)
+
+    def _buffered(self) -> bool | None:
+        """Has redis-py read bytes of a message it has not returned yet? None if its parser
+        is not the pure-Python one this knows. No system call: a burst arrives in large reads,
+        so a group of messages ends where a read ends."""
+        buffer = getattr(getattr(self.pubsub.connection, "_parser", None), "_buffer", None)
+        if not hasattr(buffer, "unread_bytes"):
+            return None
+        return buffer.unread_bytes() > 0
+
+    def _readable(self, wait: float) -> bool:
+        """Is there something to read on the subscription within ``wait`` s? (True when not
+        connected: redis-py then reconnects, or says why it cannot.)"""
+        sock = getattr(self.pubsub.connection, "_sock", None)
+        if sock is None:
             return True
-        if buffer.unread_bytes():
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted, not read yet
             return True
         poller = select.poll()  # not select.select: it refuses descriptors above 1023
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(poller.poll(wait * 1000))
 
     def _accept(self, batch: list[bytes], now: float) -> None:
         commands = []

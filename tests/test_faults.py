@@ -216,6 +216,86 @@ def test_response_published_just_before_redis_died_is_published_again(running_ag
     deaf_pubsub.close()
 
 
+class SplittingNetwork:
+    """A fake network (a TCP proxy) between the agent and a real redis-server: every chunk Redis
+    sends to the agent arrives in two halves, ``pause`` s apart, as TCP segments or TLS records
+    can over a real network. Nothing else is changed."""
+
+    def __init__(self, target_port: int, pause: float = 0.05):
+        import socket
+        import threading
+
+        self.target_port, self.pause = target_port, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                agent_side, _ = self.listener.accept()
+            except OSError:
+                return
+            redis_side = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [agent_side, redis_side]
+            threading.Thread(target=self._pipe, args=(agent_side, redis_side, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(redis_side, agent_side, True), daemon=True).start()
+
+    def _pipe(self, source, target, split: bool) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if split and len(data) > 1:
+                    target.sendall(data[:len(data) // 2])
+                    time.sleep(self.pause)
+                    data = data[len(data) // 2:]
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_commands_split_across_network_reads_are_all_answered(running_agent, redis_server, make_backend):
+    """Redis writes a burst to the agent in one go; the network delivers it in two parts 50 ms
+    apart, so the listener reads a command and the first half of the next. redis-py gives up on
+    a half-read message after the timeout it was asked to wait (0 when the listener looked for
+    more) and reconnects, dropping it and all behind it: 36 of 60 commands were lost this way."""
+    network = SplittingNetwork(redis_server.port)
+    try:
+        agent = running_agent(REDIS_PORT=network.port)
+        backend = make_backend(agent.config.agent_id)
+        client = redis_server.client()
+        ids = []
+        for round_ in range(10):
+            pipe = client.pipeline(transaction=False)
+            for i in range(3):
+                message = backend.message("echo", {"message": f"r{round_}-{i}"})
+                ids.append(message["command_id"])
+                pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message))
+            assert pipe.execute() == [1, 1, 1]
+            time.sleep(0.15)
+        for command_id in ids:
+            assert backend.wait(command_id, 30)["status"] == "success"
+        recorded = rows(agent.config.outbox_db)
+        assert all(command_id in recorded for command_id in ids)
+    finally:
+        network.close()
+
+
 # -- throughput of one lane ---------------------------------------------------------------------
 
 
