@@ -8,7 +8,6 @@ share it). Every thread that needs the database opens its own Store.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 import threading
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from protocol import encode as _compact_json  # params are kept as the wire's compact JSON
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SCHEMA_VERSION = 1
@@ -40,9 +41,6 @@ def _write_lock(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _write_locks_guard:
         return _write_locks.setdefault(key, threading.Lock())
-
-
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
 
 @functools.lru_cache(maxsize=8)
