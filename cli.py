@@ -174,6 +174,8 @@ def _run(argv: list[str], timeout: float = 15.0) -> tuple[int, str, str]:
                               timeout=timeout, env=child_env(), errors="replace")
     except FileNotFoundError:
         return 127, "", f"{argv[0]}: not found on PATH"
+    except OSError as exc:  # not executable, or (as execvp says) a PATH directory it may not search
+        return 126, "", f"cannot run {argv[0]}: {exc.strerror or exc}"
     except subprocess.TimeoutExpired:
         return 124, "", f"no answer within {timeout:g} s"
     return proc.returncode, proc.stdout.strip(), proc.stderr.strip()

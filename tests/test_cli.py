@@ -74,6 +74,20 @@ def test_check_reports_every_failure_and_exits_1(agent_env, tmp_path):
     assert "wrong-password-123" not in out + result.stderr
 
 
+def test_check_reports_a_binary_it_may_not_run_instead_of_crashing(agent_env, git_repos, tmp_path):
+    # Found by running the installed agent under a real systemd: `check` died with a traceback
+    # (PermissionError) where docker could not be run; the handlers already said why.
+    not_executable = tmp_path / "docker"
+    not_executable.write_text("#!/bin/sh\necho never\n")
+    not_executable.chmod(0o644)
+    result = cli({**agent_env, "DOCKER_BIN": str(not_executable)}, "check")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"FAIL  docker: {not_executable} version failed: cannot run {not_executable}: Permission denied" \
+        in result.stdout
+    assert "Traceback" not in result.stderr
+    assert "ok    state:" in result.stdout  # the checks after it still ran
+
+
 def test_check_with_a_bad_setting_names_it_and_exits_78(agent_env):
     result = cli({**agent_env, "REDIS_PORT": "sixty"}, "check")
     assert result.returncode == 78
