@@ -114,6 +114,14 @@ cat > "$DESTDIR$WRAPPER.tmp" <<WRAP
 # Installed by make install; reads the service's settings unless COCKPIT_AGENT_ENV_FILE says otherwise.
 : "\${COCKPIT_AGENT_ENV_FILE:=$ENV_FILE}"
 export COCKPIT_AGENT_ENV_FILE
+if [ "\$(id -u)" = 0 ] && getent passwd $AGENT_USER >/dev/null; then
+    # Run by root (sudo cockpit-agent check), it runs as the service does: the agent's user
+    # and groups (docker), its HOME (git's known_hosts). The settings file, which that user
+    # owns, is then accepted (root was refused it), check sees what the service will see, and
+    # a file it creates beside the outbox (SQLite's -wal, -shm) is the agent's, not root's.
+    exec setpriv --reuid=$AGENT_USER --regid=$AGENT_USER --init-groups \\
+        env HOME=$STATE $APP/venv/bin/python $APP/agent.py "\$@"
+fi
 exec $APP/venv/bin/python $APP/agent.py "\$@"
 WRAP
 chmod 0755 "$DESTDIR$WRAPPER.tmp"

@@ -229,6 +229,12 @@ for path in /etc/cockpit-agent /etc/cockpit-agent/agent.env /etc/cockpit-agent/h
     echo "stat: $path $(stat -c '%U:%G %a' "$path")"
 done
 echo "env: $(tail -n 1 /etc/cockpit-agent/agent.env)"
+# The operator command run by root: a stand-in for the venv's python says who runs it, and how.
+mkdir -p /opt/cockpit-agent/venv/bin
+printf '#!/bin/sh\necho "as $(id -un) in $(id -Gn) home=$HOME env=$COCKPIT_AGENT_ENV_FILE args=$*"\n' \
+    > /opt/cockpit-agent/venv/bin/python
+chmod 0755 /opt/cockpit-agent/venv/bin/python
+echo "root runs: $(/usr/local/bin/cockpit-agent check 'two words')"
 make --no-print-directory uninstall PURGE=1 > "$WORK/purge.out"
 echo "after purge: $(getent passwd cockpit-agent || echo no user) $(ls /opt /etc/systemd/system | grep -c cockpit || true)"
 """
@@ -262,6 +268,13 @@ def test_live_install_as_root_on_a_private_stand_in_host(tmp_path):
     assert "stat: /etc/systemd/system/cockpit-agent.service root:root 644" in facts
     assert "stat: /usr/local/bin/cockpit-agent root:root 755" in facts
     assert "env: REDIS_PASSWORD=set-by-the-operator" in facts
+    # `sudo cockpit-agent check` runs as the service would: its user and groups, its HOME. As
+    # root it refused the settings file, which the agent's user owns (found under a real systemd).
+    ran = re.search(r"root runs: as (\S+) in (.*) home=(\S+) env=(\S+) args=(.*)", facts)
+    assert ran, facts
+    assert ran.group(1) == "cockpit-agent" and set(ran.group(2).split()) == {"cockpit-agent", "docker"}
+    assert ran.group(3) == "/var/lib/cockpit-agent" and ran.group(4) == "/etc/cockpit-agent/agent.env"
+    assert ran.group(5) == "/opt/cockpit-agent/agent.py check two words"
     assert "after purge: no user 0" in facts
     assert calls.read_text().splitlines() == [
         "daemon-reload", "enable cockpit-agent.service",
