@@ -1455,16 +1455,17 @@ class Agent:
                 return next_due is None or next_due > time.time()
 
             self._wait(lambda: nothing_due() or not self.redis_connected.is_set(), 5.0)
+            for thread in (self.flusher, self.heartbeat, self.listener):
+                thread.stop.set()
+            self.outbox_wake.set()
+            self.heartbeat_now.set()
+            for thread in (self.flusher, self.heartbeat, self.listener, self.watchdog, self.stream_reader):
+                if thread is not None and thread.is_alive():
+                    thread.join(5.0)
+            # Counted after the flusher's last round, which deletes the answers it has confirmed.
             left = store.counts()
         finally:
             store.close()
-        for thread in (self.flusher, self.heartbeat, self.listener):
-            thread.stop.set()
-        self.outbox_wake.set()
-        self.heartbeat_now.set()
-        for thread in (self.flusher, self.heartbeat, self.listener, self.watchdog, self.stream_reader):
-            if thread is not None and thread.is_alive():
-                thread.join(5.0)
         try:
             self.heartbeat.client = self.redis
             self.heartbeat.beat("offline")

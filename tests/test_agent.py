@@ -324,3 +324,24 @@ def test_a_stop_does_not_wait_for_answers_no_one_is_subscribed_to_hear(running_a
     again = running_agent()
     backend = make_backend(again.config.agent_id)
     assert backend.wait("while-away", 30)["output"] == "later"
+
+
+def test_the_stop_line_counts_the_outbox_after_the_flusher_s_last_round(running_agent, make_backend, caplog):
+    """Answers delivered and confirmed, waiting only for their batched DELETE, were reported as
+    "unsent messages kept" by a clean stop (seen as "5 unsent" right after five echos); the
+    flusher deletes them as it stops, so the count is taken after that."""
+    agent = running_agent()
+    agent.flusher.delete_after = 30.0  # the confirmed rows are still there when the stop begins
+    backend = make_backend(agent.config.agent_id)
+    for i in range(5):
+        assert backend.wait(backend.send("echo", {"message": f"m{i}"}), 10)["output"] == f"m{i}"
+    store = agent.open_store()
+    assert store.counts()["outbox"] == 5
+    agent.stop_requested.set()
+    with caplog.at_level("INFO", logger="cockpit_agent"):
+        assert agent.shutdown() == 0
+    assert store.counts()["outbox"] == 0
+    store.close()
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped;")]
+    assert stopped and "0 queued commands and 0 unsent messages kept" in stopped[0], stopped
+
