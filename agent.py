@@ -1464,6 +1464,9 @@ class Agent:
                     thread.join(5.0)
             # Counted after the flusher's last round, which deletes the answers it has confirmed.
             left = store.counts()
+            # The notifier's read-only connection must not be the last one open: only a writer's
+            # close checkpoints the WAL and deletes it, leaving the database in one file.
+            self._close_service()
         finally:
             store.close()
         try:
@@ -1471,7 +1474,6 @@ class Agent:
             self.heartbeat.beat("offline")
         except Exception as exc:
             log.warning("could not write status=offline: %s", exc)
-        self._close_service()
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0

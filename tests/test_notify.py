@@ -141,6 +141,23 @@ def test_agent_process_ready_without_redis_then_online_pings_and_stopping(
     assert agent.proc.wait(30) == 0
 
 
+def test_a_stop_under_systemd_leaves_the_database_in_one_file(
+        notify_socket, agent_process, agent_env, redis_server, make_backend):
+    """The notifier's read-only connection used to close last, and only a writer's close
+    checkpoints the WAL and deletes it: under systemd every stop left -wal and -shm beside the
+    outbox (seen under a real systemd; a stop without NOTIFY_SOCKET did not)."""
+    listener = notify_socket()
+    agent = agent_process({**agent_env, "NOTIFY_SOCKET": listener.address}).start()
+    listener.wait(lambda m: m.get("STATUS", "").startswith("online"), timeout=20, what="STATUS online")
+    backend = make_backend(agent_env["AGENT_ID"])
+    assert backend.wait(backend.send("echo", {"message": "hi"}), 10)["output"] == "hi"
+    agent.proc.send_signal(15)
+    assert agent.proc.wait(30) == 0
+    db = agent_env["OUTBOX_DB"]
+    assert os.path.exists(db)
+    assert not os.path.exists(db + "-wal") and not os.path.exists(db + "-shm")
+
+
 def _start_notified(running_agent, listener, **extra):
     return running_agent(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="200000", **extra)
 
