@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile
+.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e
 
 venv: $(VENV)/.installed
 
@@ -73,6 +73,12 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# The installed agent under a real systemd: a Debian container booted with systemd-nspawn, make
+# install in it, then the README's steps and what only systemd shows. As root, with network;
+# about 75 s the first time (debootstrap), 30 s after. Not part of `make test`.
+systemd-e2e: tools
+	bash scripts/systemd-e2e.sh
 
 # Long chaos runs: `make chaos ITERATIONS=200` (SEED=n replays one schedule). Prints the figures
 # and the seed of any failure.

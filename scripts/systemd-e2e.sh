@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# make systemd-e2e: the installed agent under a real systemd, the way an operator meets it.
+#
+# Boots a Debian container (debootstrap + systemd-nspawn, systemd as its PID 1, the host's
+# network), runs `make install` in it from this checkout (HEAD, committed files only), and
+# follows the README: check, start, send, stop. It then checks what only a real systemd shows:
+# Type=notify and STATUS=, the sandbox (ProtectSystem=strict, the system call filter, no
+# capabilities) letting git and the docker CLI work, Restart= after a kill, exit 78 not
+# restarted, a stop that lets a running command finish, what a stop leaves on disk.
+#
+# Needs root, network (Debian's mirror once, then PyPI) and ~400 MB in E2E_DIR. The container's
+# root file system is kept there between runs (E2E_FRESH=1 builds it again). The fakes, named:
+# the docker CLI is the host's own binary, talking to a fake Engine API on /run/docker.sock
+# inside the container (no Docker engine runs here); Redis is a real redis-server on the host.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+E2E_DIR=${E2E_DIR:-/var/tmp/cockpit-agent-e2e}
+ROOT=$E2E_DIR/rootfs
+PASSWORD=e2e-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
+AGENT_ID=e2e-agent
+FAILED=0
+NSPAWN_PID=
+REDIS_PID=
+
+say() { echo "==> $*"; }
+ok() { echo "ok    $*"; }
+fail() { echo "FAIL  $*"; FAILED=$((FAILED + 1)); }
+check() {  # check "what" command...: ok when the command succeeds
+    local what=$1; shift
+    if "$@"; then ok "$what"; else fail "$what"; fi
+}
+
+[ "$(id -u)" = 0 ] || { echo "systemd-e2e: run it as root (it boots a container)" >&2; exit 1; }
+mkdir -p "$E2E_DIR"
+for tool in debootstrap systemd-nspawn; do
+    if ! command -v "$tool" >/dev/null; then
+        say "installing $tool"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap systemd-container >/dev/null
+    fi
+done
+command -v redis-server >/dev/null || { echo "systemd-e2e: needs redis-server (make tools)" >&2; exit 1; }
+
+cleanup() {
+    [ -n "$NSPAWN_PID" ] && kill "$NSPAWN_PID" 2>/dev/null && wait "$NSPAWN_PID" 2>/dev/null
+    [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null
+    return 0
+}
+trap cleanup EXIT
+
+# -- the container ----------------------------------------------------------------------------
+
+if [ "${E2E_FRESH:-0}" = 1 ] || [ ! -x "$ROOT/lib/systemd/systemd" ]; then
+    rm -rf "$ROOT"
+    mkdir -p "$ROOT"
+    say "debootstrap bookworm into $ROOT (about a minute)"
+    debootstrap --variant=minbase \
+        --include=systemd,systemd-sysv,dbus,python3,python3-venv,git,make,ca-certificates,procps \
+        bookworm "$ROOT" http://deb.debian.org/debian > "$E2E_DIR/debootstrap.log" 2>&1
+fi
+# A host behind a TLS-inspecting proxy trusts extra CAs; so must the container's pip.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+fi
+echo e2e-host > "$ROOT/etc/hostname"
+# Each run starts from a host without the agent: a kept root file system keeps its packages only
+# (an agent left enabled by the last run would otherwise start at boot with the last settings).
+rm -rf "$ROOT/etc/cockpit-agent" "$ROOT/var/lib/cockpit-agent" "$ROOT/opt/cockpit-agent" \
+    "$ROOT/etc/systemd/system/cockpit-agent.service" "$ROOT/usr/local/bin/cockpit-agent" \
+    "$ROOT/etc/systemd/system/multi-user.target.wants/cockpit-agent.service" \
+    "$ROOT/root/engine.log" "$ROOT/root/slow.json"
+
+rm -rf "$ROOT/root/cockpit-agent"
+mkdir -p "$ROOT/root/cockpit-agent"
+git -C "$SRC" archive HEAD | tar -x -C "$ROOT/root/cockpit-agent"
+if command -v docker >/dev/null; then
+    cp "$(command -v docker)" "$ROOT/usr/bin/docker"
+fi
+cat > "$ROOT/root/fake_engine.py" <<'ENGINE'
+"""A fake Docker Engine API on /run/docker.sock (group docker): ping, version, and restart of
+the containers grafana and slow (4 s); every request is appended to /root/engine.log."""
+import grp, http.server, json, os, socketserver, time
+SOCK = "/run/docker.sock"
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def reply(self, code, body=b"", ctype="application/json"):
+        self.send_response(code)
+        for k, v in (("Api-Version", "1.47"), ("Ostype", "linux"), ("Content-Type", ctype),
+                     ("Content-Length", str(len(body)))):
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+    def route(self):
+        with open("/root/engine.log", "a") as f:
+            f.write(f"{self.command} {self.path}\n")
+        path = self.path.split("?")[0]
+        if path.endswith("/_ping"):
+            return self.reply(200, b"OK", "text/plain")
+        if path.endswith("/version"):
+            return self.reply(200, json.dumps({"Version": "fake-engine", "ApiVersion": "1.47",
+                                               "MinAPIVersion": "1.24", "Os": "linux"}).encode())
+        if "/containers/" in path and path.endswith("/restart"):
+            name = path.split("/containers/")[1].split("/")[0]
+            if name == "slow":
+                time.sleep(4)
+            if name in ("grafana", "slow"):
+                return self.reply(204)
+        return self.reply(404, json.dumps({"message": "no such thing"}).encode())
+    do_GET = do_POST = do_HEAD = route
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    def get_request(self):
+        return self.socket.accept()[0], ("local", 0)
+if os.path.exists(SOCK):
+    os.unlink(SOCK)
+server = Server(SOCK, Handler)
+os.chown(SOCK, 0, grp.getgrnam("docker").gr_gid)
+os.chmod(SOCK, 0o660)
+server.serve_forever()
+ENGINE
+
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --requirepass "$PASSWORD" \
+    --logfile "$E2E_DIR/redis.log" --daemonize no &
+REDIS_PID=$!
+rcli() { redis-cli -p "$PORT" -a "$PASSWORD" --no-auth-warning "$@"; }
+for _ in $(seq 50); do rcli ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+say "booting the container (systemd-nspawn -b)"
+systemd-nspawn -D "$ROOT" -b --register=no --keep-unit --console=pipe --resolv-conf=copy-host \
+    > "$E2E_DIR/console.log" 2>&1 &
+NSPAWN_PID=$!
+INIT=
+for _ in $(seq 100); do
+    INIT=$(pgrep -P "$NSPAWN_PID" | head -n 1 || true)
+    [ -n "$INIT" ] && break
+    sleep 0.1
+done
+[ -n "$INIT" ] || { echo "systemd-e2e: the container did not start; see $E2E_DIR/console.log" >&2; exit 1; }
+# Inside the container, as root with a clean environment (what `sudo` gives an operator).
+in_ct() { nsenter -t "$INIT" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 sh -c "$1"; }
+for _ in $(seq 100); do
+    state=$(in_ct 'systemctl is-system-running 2>/dev/null' || true)
+    case $state in running|degraded) break ;; esac
+    sleep 0.2
+done
+ok "container booted: systemd $(in_ct 'systemctl --version | head -n 1 | cut -d" " -f2'), state $state"
+
+# -- install, as the README says --------------------------------------------------------------
+
+in_ct 'update-ca-certificates >/dev/null 2>&1; groupadd --system docker 2>/dev/null || true'
+if ! in_ct 'cd /root/cockpit-agent && make install' > "$E2E_DIR/install.log" 2>&1; then
+    cat "$E2E_DIR/install.log"
+    fail "make install"
+    exit 1
+fi
+ok "make install"
+in_ct "set -e
+printf '%s\n' REDIS_HOST=127.0.0.1 REDIS_PORT=$PORT REDIS_PASSWORD=$PASSWORD AGENT_ID=$AGENT_ID \
+    GIT_REPO_PATH=/opt/app/config DOCKER_CONTAINER_NAME=grafana,slow SHUTDOWN_GRACE=20 \
+    >> /etc/cockpit-agent/agent.env
+git config --global --add safe.directory '*'
+rm -rf /srv/origin.git /opt/app/config /root/work
+git init -q --bare -b main /srv/origin.git
+git clone -q /srv/origin.git /root/work 2>/dev/null
+cd /root/work && git -c user.name=op -c user.email=op@e2e commit -q --allow-empty -m first && git push -q origin main
+git clone -q /srv/origin.git /opt/app/config 2>/dev/null
+chown -R cockpit-agent:cockpit-agent /srv/origin.git /opt/app/config
+systemd-run --unit=fake-engine --quiet python3 /root/fake_engine.py
+for i in \$(seq 50); do [ -S /run/docker.sock ] && break; sleep 0.1; done"
+
+check "sudo cockpit-agent check (as root, right after install)" \
+    in_ct 'cockpit-agent check > /root/check.out 2>&1 || { cat /root/check.out; exit 1; }'
+
+# -- start, and the backend's commands ----------------------------------------------------------
+
+in_ct 'systemctl start cockpit-agent'
+check "systemctl start: active, STATUS online" in_ct 'for i in $(seq 50); do
+    systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
+check "registry agents:$AGENT_ID says online" test "$(rcli hget "agents:$AGENT_ID" status)" = online
+send() { in_ct "cockpit-agent send $1 --timeout 20"; }
+t_echo() { send 'echo message=hi' | grep -q '"output": "hi"'; }
+t_git_pull() {
+    in_ct 'cd /root/work && echo v2 > settings.conf && git add settings.conf &&
+        git -c user.name=op -c user.email=op@e2e commit -qm second && git push -q origin main' &&
+    send git_pull | grep -q '"status": "success"' &&
+    test "$(in_ct 'cat /opt/app/config/settings.conf')" = v2
+}
+t_hostile() {
+    local out
+    out=$(send 'git_pull "branch=main; rm -rf /"' || true)
+    grep -q 'not an allowed branch name' <<<"$out" || { echo "$out"; return 1; }
+}
+t_docker() {
+    send docker_restart | grep -q '"output": "grafana"' &&
+    in_ct 'grep -q "POST /v[0-9.]*/containers/grafana/restart" /root/engine.log'
+}
+check "echo" t_echo
+check "git_pull under ProtectSystem=strict brings the new commit" t_git_pull
+check "a hostile branch is refused" t_hostile
+if in_ct 'command -v docker >/dev/null'; then
+    check "docker_restart: the real docker CLI, under the system call filter, reaches the engine" t_docker
+else
+    echo "note  docker_restart not run: no docker CLI on this host to copy in"
+fi
+
+# -- failures -------------------------------------------------------------------------------------
+
+in_ct 'systemctl kill -s KILL cockpit-agent'
+check "killed with SIGKILL: systemd restarts it (Restart=on-failure) and it answers" in_ct 'for i in $(seq 100); do
+    [ "$(systemctl show -p NRestarts --value cockpit-agent)" = 1 ] &&
+    systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
+t_again() { send 'echo message=again' | grep -q '"output": "again"'; }
+check "echo after the restart" t_again
+
+in_ct 'cp -p /etc/cockpit-agent/agent.env /root/agent.env.good && echo REDIS_PORT=sixty >> /etc/cockpit-agent/agent.env'
+in_ct 'systemctl restart cockpit-agent' >/dev/null 2>&1 || true
+sleep 6  # RestartSec=5: a restart, had there been one, would have happened by now
+check "a bad setting: exit 78, one line naming it, not restarted" in_ct '
+    [ "$(systemctl show -p ExecMainStatus --value cockpit-agent)" = 78 ] &&
+    [ "$(systemctl show -p ActiveState --value cockpit-agent)" = failed ] &&
+    journalctl -b -u cockpit-agent --no-pager | grep -q "configuration error: REDIS_PORT: expected a whole number"'
+in_ct 'cp -p /root/agent.env.good /etc/cockpit-agent/agent.env && systemctl reset-failed cockpit-agent && systemctl start cockpit-agent'
+
+# -- a stop with a command running ---------------------------------------------------------------
+
+in_ct 'for i in $(seq 50); do systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && break; sleep 0.2; done
+    (cockpit-agent send docker_restart container_name=slow --timeout 30 > /root/slow.json 2>&1 &)
+    for i in $(seq 50); do grep -q "containers/slow" /root/engine.log 2>/dev/null && break; sleep 0.1; done'
+start=$(date +%s)
+in_ct 'systemctl stop cockpit-agent'
+took=$(( $(date +%s) - start ))
+sleep 1
+check "systemctl stop lets the running docker_restart finish and answer (stop took ${took} s)" \
+    in_ct 'grep -q "\"output\": \"slow\"" /root/slow.json'
+check "after the stop: registry offline" test "$(rcli hget "agents:$AGENT_ID" status)" = offline
+check "after the stop: the state directory holds outbox.db alone (no -wal, no -shm)" \
+    in_ct 'test "$(ls /var/lib/cockpit-agent)" = outbox.db'
+check "after the stop: its last line reports nothing left behind" \
+    in_ct 'journalctl -b -u cockpit-agent --no-pager | grep "stopped;" | tail -n 1 | grep -q "0 queued commands and 0 unsent messages"'
+check "systemd-analyze security rates the unit at most 2.5" in_ct '
+    score=$(systemd-analyze security cockpit-agent --no-pager | sed -n "s/.*Overall exposure level for cockpit-agent.service: \([0-9.]*\).*/\1/p")
+    echo "      exposure $score"; awk -v s="$score" "BEGIN { exit !(s != \"\" && s <= 2.5) }"'
+
+if [ "$FAILED" -gt 0 ]; then
+    in_ct 'journalctl -b -u cockpit-agent --no-pager' > "$E2E_DIR/agent-journal.log" 2>&1 || true
+    echo "systemd-e2e: $FAILED check(s) failed; the agent's journal: $E2E_DIR/agent-journal.log" >&2
+    tail -n 20 "$E2E_DIR/agent-journal.log" >&2
+    exit 1
+fi
+echo "systemd-e2e: all checks passed"
