@@ -5,8 +5,9 @@
 # network), runs `make install` in it from this checkout (HEAD, committed files only), and
 # follows the README: check, start, send, stop. It then checks what only a real systemd shows:
 # Type=notify and STATUS=, the sandbox (ProtectSystem=strict, the system call filter, no
-# capabilities) letting git and the docker CLI work, Restart= after a kill, exit 78 not
-# restarted, a stop that lets a running command finish, what a stop leaves on disk.
+# capabilities) letting git and the docker CLI work, journald priorities, the example custom
+# command restarting a unit through polkit, Restart= after a kill, exit 78 not restarted, a stop
+# that lets a running command finish, what a stop leaves on disk, make uninstall PURGE=1.
 #
 # Needs root, network (Debian's mirror once, then PyPI) and ~400 MB in E2E_DIR. The container's
 # root file system is kept there between runs (E2E_FRESH=1 builds it again). The fakes, named:
@@ -55,7 +56,7 @@ if [ "${E2E_FRESH:-0}" = 1 ] || [ ! -x "$ROOT/lib/systemd/systemd" ]; then
     mkdir -p "$ROOT"
     say "debootstrap bookworm into $ROOT (about a minute)"
     debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,python3,python3-venv,git,make,ca-certificates,procps \
+        --include=systemd,systemd-sysv,dbus,polkitd,python3,python3-venv,git,make,ca-certificates,procps \
         bookworm "$ROOT" http://deb.debian.org/debian > "$E2E_DIR/debootstrap.log" 2>&1
 fi
 # A host behind a TLS-inspecting proxy trusts extra CAs; so must the container's pip.
@@ -151,7 +152,9 @@ ok "container booted: systemd $(in_ct 'systemctl --version | head -n 1 | cut -d"
 
 # -- install, as the README says --------------------------------------------------------------
 
-in_ct 'update-ca-certificates >/dev/null 2>&1; groupadd --system docker 2>/dev/null || true'
+in_ct 'update-ca-certificates >/dev/null 2>&1; groupadd --system docker 2>/dev/null || true
+    command -v pkaction >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq polkitd >/dev/null 2>&1
+    systemctl start polkit.service'
 if ! in_ct 'cd /root/cockpit-agent && make install' > "$E2E_DIR/install.log" 2>&1; then
     cat "$E2E_DIR/install.log"
     fail "make install"
@@ -171,6 +174,22 @@ git clone -q /srv/origin.git /opt/app/config 2>/dev/null
 chown -R cockpit-agent:cockpit-agent /srv/origin.git /opt/app/config
 systemd-run --unit=fake-engine --quiet python3 /root/fake_engine.py
 for i in \$(seq 50); do [ -S /run/docker.sock ] && break; sleep 0.1; done"
+
+# docs/OPERATIONS.md's custom command, as written there: the systemctl_restart example in
+# handlers.d, a unit to restart, and the polkit rule that lets the agent's user restart it.
+in_ct "set -e
+install -o root -g root -m 0644 /opt/cockpit-agent/handlers/examples/systemctl_restart.py /etc/cockpit-agent/handlers.d/
+printf '%s\n' HANDLERS_DIR=/etc/cockpit-agent/handlers.d SYSTEMCTL_UNITS=demo.service >> /etc/cockpit-agent/agent.env
+printf '[Service]\nExecStart=/bin/sleep infinity\n' > /etc/systemd/system/demo.service
+cat > /etc/polkit-1/rules.d/50-cockpit-agent.rules <<'RULE'
+polkit.addRule(function(action, subject) {
+    if (action.id == \"org.freedesktop.systemd1.manage-units\" && subject.user == \"cockpit-agent\" &&
+        action.lookup(\"unit\") == \"demo.service\" && action.lookup(\"verb\") == \"restart\") {
+        return polkit.Result.YES;
+    }
+});
+RULE
+systemctl daemon-reload && systemctl start demo.service"
 
 check "sudo cockpit-agent check (as root, right after install)" \
     in_ct 'cockpit-agent check > /root/check.out 2>&1 || { cat /root/check.out; exit 1; }'
@@ -198,9 +217,28 @@ t_docker() {
     send docker_restart | grep -q '"output": "grafana"' &&
     in_ct 'grep -q "POST /v[0-9.]*/containers/grafana/restart" /root/engine.log'
 }
+t_custom() {
+    local before after
+    before=$(in_ct 'systemctl show -p MainPID --value demo.service')
+    send 'systemctl_restart unit=demo.service' | grep -q '"status": "success"' &&
+    after=$(in_ct 'systemctl show -p MainPID --value demo.service') &&
+    [ "$after" != "$before" ] && [ "$after" != 0 ]
+}
+t_custom_refused() {  # send exits 1 on an error answer, hence no pipe (pipefail)
+    local out
+    out=$(send 'systemctl_restart unit=ssh.service' || true)
+    grep -q "unit 'ssh.service' is not whitelisted; allowed: demo.service" <<<"$out" || { echo "$out"; return 1; }
+}
+t_priorities() {  # journald gets each line's priority: warnings alone with -p warning
+    in_ct 'journalctl -b -u cockpit-agent -p warning --no-pager | grep -q "not an allowed branch name" &&
+           ! journalctl -b -u cockpit-agent -p warning --no-pager | grep -q "subscribed to"'
+}
 check "echo" t_echo
 check "git_pull under ProtectSystem=strict brings the new commit" t_git_pull
 check "a hostile branch is refused" t_hostile
+check "journald: priorities (journalctl -p warning shows the refusal, not the INFO lines)" t_priorities
+check "custom command from handlers.d: systemctl_restart of demo.service through polkit" t_custom
+check "custom command: a unit outside SYSTEMCTL_UNITS is refused" t_custom_refused
 if in_ct 'command -v docker >/dev/null'; then
     check "docker_restart: the real docker CLI, under the system call filter, reaches the engine" t_docker
 else
@@ -244,6 +282,13 @@ check "after the stop: its last line reports nothing left behind" \
 check "systemd-analyze security rates the unit at most 2.5" in_ct '
     score=$(systemd-analyze security cockpit-agent --no-pager | sed -n "s/.*Overall exposure level for cockpit-agent.service: \([0-9.]*\).*/\1/p")
     echo "      exposure $score"; awk -v s="$score" "BEGIN { exit !(s != \"\" && s <= 2.5) }"'
+
+t_purge() {
+    in_ct 'cd /root/cockpit-agent && make uninstall PURGE=1 >/dev/null' &&
+    in_ct '! systemctl cat cockpit-agent >/dev/null 2>&1 && ! getent passwd cockpit-agent >/dev/null &&
+           ! test -e /var/lib/cockpit-agent && ! test -e /etc/cockpit-agent && ! test -e /opt/cockpit-agent'
+}
+check "make uninstall PURGE=1: unit, user, state, settings and app gone" t_purge
 
 if [ "$FAILED" -gt 0 ]; then
     in_ct 'journalctl -b -u cockpit-agent --no-pager' > "$E2E_DIR/agent-journal.log" 2>&1 || true
