@@ -269,6 +269,15 @@ def send(config: Config, args: argparse.Namespace) -> int:
     """``send``: subscribe, publish (signed when a secret is set), wait, print the response."""
     agent_id = args.agent or config.agent_id
     params = dict(args.params)
+    takes, unknown = _unknown_params(config, args.command, params, args.env_file)
+    if unknown:
+        # The agent ignores parameters it does not know (a newer backend may send more), so a
+        # mistyped one would run the command with its defaults: container=x restarts the first
+        # whitelisted container. An operator's typo is caught here instead.
+        print(f"cockpit-agent: {args.command} takes {', '.join(takes) or 'no parameters'}, not "
+              f"{', '.join(unknown)}; the agent would ignore {'them' if len(unknown) > 1 else 'it'} and "
+              f"run {args.command} with its defaults. Nothing was sent.", file=sys.stderr)
+        return EX_USAGE
     command_id = str(uuid.uuid4())
     message: dict[str, Any] = {"command_id": command_id, "command": args.command, "params": params,
                                "timestamp": int(time.time()), "sender": SEND_SENDER}
@@ -305,6 +314,23 @@ def send(config: Config, args: argparse.Namespace) -> int:
         return EX_NO_RESPONSE
     print(json.dumps(response, indent=2, ensure_ascii=False))
     return EX_OK if response.get("status") == "success" else EX_FAIL
+
+
+def _unknown_params(config: Config, command: str, params: dict[str, Any],
+                    env_file: str | None) -> tuple[tuple[str, ...], list[str]]:
+    """The parameters this host's handler for ``command`` takes, and those in ``params`` it does
+    not. Nothing is unknown for a command this host does not have (the agent answers that)."""
+    from handlers import REGISTRY
+    from handlers.loader import registry_with_dir
+
+    try:
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
+    except ConfigError:  # the agent would not start either; check says why
+        registry = REGISTRY
+    handler = next((h for h in registry.handlers() if h.name == command), None)
+    if handler is None:
+        return (), []
+    return handler.params, sorted(k for k in params if k not in handler.params)
 
 
 def _wait_response(pubsub, command_id: str, deadline: float) -> dict | None:

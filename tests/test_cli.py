@@ -111,6 +111,23 @@ def test_send_echo_signed_round_trip(running_agent, agent_env):
     assert SECRET not in result.stdout + result.stderr + unsigned.stdout + unsigned.stderr
 
 
+def test_send_refuses_a_parameter_the_command_does_not_take(running_agent, agent_env, fake_docker):
+    # Found trying the installed agent by hand: `send docker_restart container=nope` restarted
+    # the default container, because the agent ignores unknown parameters (forward compatible).
+    agent = running_agent()
+    result = cli(agent_env, "send", "docker_restart", "container=nope")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "docker_restart takes container_name, not container" in result.stderr
+    assert "Nothing was sent" in result.stderr and result.stdout == ""
+    store = agent.open_store()
+    assert store.counts() == {"queued": 0, "running": 0, "done": 0, "outbox": 0}
+    store.close()
+    assert fake_docker.calls() == []
+    right = cli(agent_env, "send", "docker_restart", "container_name=grafana")
+    assert right.returncode == 0, right.stderr
+    assert [call[-1] for call in fake_docker.calls()] == ["grafana"]
+
+
 def test_send_exits_1_on_an_error_response_and_sends_typed_params(running_agent, agent_env):
     running_agent()
     refused = cli(agent_env, "send", "git_pull", "repository_path=/etc", "branch=main")
