@@ -114,6 +114,12 @@ cat > "$DESTDIR$WRAPPER.tmp" <<WRAP
 # Installed by make install; reads the service's settings unless COCKPIT_AGENT_ENV_FILE says otherwise.
 : "\${COCKPIT_AGENT_ENV_FILE:=$ENV_FILE}"
 export COCKPIT_AGENT_ENV_FILE
+# A secret the service gets as a systemd credential (LoadCredential=) lies, while it runs, in a
+# directory its user can read: the command finds REDIS_PASSWORD and the shared secret there too.
+if [ -z "\${CREDENTIALS_DIRECTORY:-}" ] && [ -d /run/credentials/cockpit-agent.service ]; then
+    CREDENTIALS_DIRECTORY=/run/credentials/cockpit-agent.service
+    export CREDENTIALS_DIRECTORY
+fi
 if [ "\$(id -u)" = 0 ] && getent passwd $AGENT_USER >/dev/null; then
     # Run by root (sudo cockpit-agent check), it runs as the service does: the agent's user
     # and groups (docker), its HOME (git's known_hosts). The settings file, which that user

@@ -231,10 +231,12 @@ done
 echo "env: $(tail -n 1 /etc/cockpit-agent/agent.env)"
 # The operator command run by root: a stand-in for the venv's python says who runs it, and how.
 mkdir -p /opt/cockpit-agent/venv/bin
-printf '#!/bin/sh\necho "as $(id -un) in $(id -Gn) home=$HOME env=$COCKPIT_AGENT_ENV_FILE args=$*"\n' \
+printf '#!/bin/sh\necho "as $(id -un) in $(id -Gn) home=$HOME env=$COCKPIT_AGENT_ENV_FILE creds=${CREDENTIALS_DIRECTORY:-none} args=$*"\n' \
     > /opt/cockpit-agent/venv/bin/python
 chmod 0755 /opt/cockpit-agent/venv/bin/python
 echo "root runs: $(/usr/local/bin/cockpit-agent check 'two words')"
+mkdir -p /run/credentials/cockpit-agent.service  # what systemd makes for LoadCredential= while the unit runs
+echo "with credentials: $(/usr/local/bin/cockpit-agent status)"
 make --no-print-directory uninstall PURGE=1 > "$WORK/purge.out"
 echo "after purge: $(getent passwd cockpit-agent || echo no user) $(ls /opt /etc/systemd/system | grep -c cockpit || true)"
 """
@@ -270,11 +272,13 @@ def test_live_install_as_root_on_a_private_stand_in_host(tmp_path):
     assert "env: REDIS_PASSWORD=set-by-the-operator" in facts
     # `sudo cockpit-agent check` runs as the service would: its user and groups, its HOME. As
     # root it refused the settings file, which the agent's user owns (found under a real systemd).
-    ran = re.search(r"root runs: as (\S+) in (.*) home=(\S+) env=(\S+) args=(.*)", facts)
+    ran = re.search(r"root runs: as (\S+) in (.*) home=(\S+) env=(\S+) creds=none args=(.*)", facts)
     assert ran, facts
     assert ran.group(1) == "cockpit-agent" and set(ran.group(2).split()) == {"cockpit-agent", "docker"}
     assert ran.group(3) == "/var/lib/cockpit-agent" and ran.group(4) == "/etc/cockpit-agent/agent.env"
     assert ran.group(5) == "/opt/cockpit-agent/agent.py check two words"
+    # A password given to the service with LoadCredential= is found by the command too.
+    assert "creds=/run/credentials/cockpit-agent.service args=/opt/cockpit-agent/agent.py status" in facts
     assert "after purge: no user 0" in facts
     assert calls.read_text().splitlines() == [
         "daemon-reload", "enable cockpit-agent.service",
