@@ -67,7 +67,8 @@ echo e2e-host > "$ROOT/etc/hostname"
 # Each run starts from a host without the agent: a kept root file system keeps its packages only
 # (an agent left enabled by the last run would otherwise start at boot with the last settings).
 rm -rf "$ROOT/etc/cockpit-agent" "$ROOT/var/lib/cockpit-agent" "$ROOT/opt/cockpit-agent" \
-    "$ROOT/etc/systemd/system/cockpit-agent.service" "$ROOT/usr/local/bin/cockpit-agent" \
+    "$ROOT/etc/systemd/system/cockpit-agent.service" "$ROOT/etc/systemd/system/cockpit-agent.service.d" \
+    "$ROOT/usr/local/bin/cockpit-agent" \
     "$ROOT/etc/systemd/system/multi-user.target.wants/cockpit-agent.service" \
     "$ROOT/root/engine.log" "$ROOT/root/slow.json"
 
@@ -196,7 +197,7 @@ check "sudo cockpit-agent check (as root, right after install)" \
 
 # -- start, and the backend's commands ----------------------------------------------------------
 
-in_ct 'systemctl start cockpit-agent'
+in_ct 'systemctl start cockpit-agent' || true
 check "systemctl start: active, STATUS online" in_ct 'for i in $(seq 50); do
     systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
 check "registry agents:$AGENT_ID says online" test "$(rcli hget "agents:$AGENT_ID" status)" = online
@@ -282,6 +283,20 @@ check "after the stop: its last line reports nothing left behind" \
 check "systemd-analyze security rates the unit at most 2.5" in_ct '
     score=$(systemd-analyze security cockpit-agent --no-pager | sed -n "s/.*Overall exposure level for cockpit-agent.service: \([0-9.]*\).*/\1/p")
     echo "      exposure $score"; awk -v s="$score" "BEGIN { exit !(s != \"\" && s <= 2.5) }"'
+
+t_credential() {  # the password as a systemd credential (SECURITY.md), out of agent.env
+    in_ct "set -e
+    sed -i '/^REDIS_PASSWORD=/d' /etc/cockpit-agent/agent.env
+    printf %s '$PASSWORD' > /etc/cockpit-agent/redis_password && chmod 0600 /etc/cockpit-agent/redis_password
+    mkdir -p /etc/systemd/system/cockpit-agent.service.d
+    printf '[Service]\nLoadCredential=redis_password:/etc/cockpit-agent/redis_password\n' \
+        > /etc/systemd/system/cockpit-agent.service.d/credential.conf
+    systemctl daemon-reload && systemctl start cockpit-agent
+    for i in \$(seq 50); do systemctl show -p StatusText --value cockpit-agent | grep -q '^online' && break; sleep 0.2; done" &&
+    send 'echo message=credential' | grep -q '"output": "credential"' &&
+    in_ct 'systemctl stop cockpit-agent'
+}
+check "REDIS_PASSWORD as a systemd credential: the service and sudo cockpit-agent send both use it" t_credential
 
 t_purge() {
     in_ct 'cd /root/cockpit-agent && make uninstall PURGE=1 >/dev/null' &&
