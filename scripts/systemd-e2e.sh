@@ -5,9 +5,10 @@
 # network), runs `make install` in it from this checkout (HEAD, committed files only), and
 # follows the README: check, start, send, stop. It then checks what only a real systemd shows:
 # Type=notify and STATUS=, the sandbox (ProtectSystem=strict, the system call filter, no
-# capabilities) letting git and the docker CLI work, journald priorities, the example custom
-# command restarting a unit through polkit, Restart= after a kill, exit 78 not restarted, a stop
-# that lets a running command finish, what a stop leaves on disk, make uninstall PURGE=1.
+# capabilities) letting git (also over ssh) and the docker CLI work, journald priorities, the
+# example custom command restarting a unit through polkit, the watchdog, Restart= after a kill,
+# exit 78 not restarted, the password as a credential, a stop that lets a running command
+# finish, what a stop leaves on disk, make uninstall PURGE=1.
 #
 # Needs root, network (Debian's mirror once, then PyPI) and ~400 MB in E2E_DIR. The container's
 # root file system is kept there between runs (E2E_FRESH=1 builds it again). The fakes, named:
@@ -56,7 +57,7 @@ if [ "${E2E_FRESH:-0}" = 1 ] || [ ! -x "$ROOT/lib/systemd/systemd" ]; then
     mkdir -p "$ROOT"
     say "debootstrap bookworm into $ROOT (about a minute)"
     debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,polkitd,python3,python3-venv,git,make,ca-certificates,procps \
+        --include=systemd,systemd-sysv,dbus,polkitd,openssh-server,openssh-client,python3,python3-venv,git,make,ca-certificates,procps \
         bookworm "$ROOT" http://deb.debian.org/debian > "$E2E_DIR/debootstrap.log" 2>&1
 fi
 # A host behind a TLS-inspecting proxy trusts extra CAs; so must the container's pip.
@@ -123,7 +124,9 @@ os.chmod(SOCK, 0o660)
 server.serve_forever()
 ENGINE
 
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+SSH_PORT=$(free_port)
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --requirepass "$PASSWORD" \
     --logfile "$E2E_DIR/redis.log" --daemonize no &
 REDIS_PID=$!
@@ -131,12 +134,16 @@ rcli() { redis-cli -p "$PORT" -a "$PASSWORD" --no-auth-warning "$@"; }
 for _ in $(seq 50); do rcli ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 say "booting the container (systemd-nspawn -b)"
+# nspawn leaves this behind when /run is not a tmpfs, and then refuses to start ("Attempted to
+# remove disk file system under ...").
+rm -rf "/run/systemd/nspawn/propagate/$(basename "$ROOT")"
 systemd-nspawn -D "$ROOT" -b --register=no --keep-unit --console=pipe --resolv-conf=copy-host \
     > "$E2E_DIR/console.log" 2>&1 &
 NSPAWN_PID=$!
 INIT=
 for _ in $(seq 100); do
-    INIT=$(pgrep -P "$NSPAWN_PID" | head -n 1 || true)
+    kill -0 "$NSPAWN_PID" 2>/dev/null || break
+    INIT=$(pgrep -P "$NSPAWN_PID" -x systemd | head -n 1 || true)
     [ -n "$INIT" ] && break
     sleep 0.1
 done
@@ -154,7 +161,8 @@ ok "container booted: systemd $(in_ct 'systemctl --version | head -n 1 | cut -d"
 # -- install, as the README says --------------------------------------------------------------
 
 in_ct 'update-ca-certificates >/dev/null 2>&1; groupadd --system docker 2>/dev/null || true
-    command -v pkaction >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq polkitd >/dev/null 2>&1
+    command -v pkaction >/dev/null && command -v sshd >/dev/null ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq polkitd openssh-server openssh-client >/dev/null 2>&1
     systemctl start polkit.service'
 if ! in_ct 'cd /root/cockpit-agent && make install' > "$E2E_DIR/install.log" 2>&1; then
     cat "$E2E_DIR/install.log"
@@ -164,7 +172,7 @@ fi
 ok "make install"
 in_ct "set -e
 printf '%s\n' REDIS_HOST=127.0.0.1 REDIS_PORT=$PORT REDIS_PASSWORD=$PASSWORD AGENT_ID=$AGENT_ID \
-    GIT_REPO_PATH=/opt/app/config DOCKER_CONTAINER_NAME=grafana,slow SHUTDOWN_GRACE=20 \
+    GIT_REPO_PATH=/opt/app/config,/opt/app/ssh-config DOCKER_CONTAINER_NAME=grafana,slow SHUTDOWN_GRACE=20 \
     >> /etc/cockpit-agent/agent.env
 git config --global --add safe.directory '*'
 rm -rf /srv/origin.git /opt/app/config /root/work
@@ -175,6 +183,34 @@ git clone -q /srv/origin.git /opt/app/config 2>/dev/null
 chown -R cockpit-agent:cockpit-agent /srv/origin.git /opt/app/config
 systemd-run --unit=fake-engine --quiet python3 /root/fake_engine.py
 for i in \$(seq 50); do [ -S /run/docker.sock ] && break; sleep 0.1; done"
+
+# A config repository pulled over ssh with a deploy key, the usual case on a fleet: an sshd in
+# the container on a free port, a git-shell account holding the origin, the agent's key and
+# known_hosts in its HOME (the state directory), the work tree added to ReadWritePaths=.
+in_ct "set -e
+id gitsrv >/dev/null 2>&1 || useradd --create-home --shell /usr/bin/git-shell gitsrv
+usermod -p '*' gitsrv  # no password, but not locked: sshd without PAM refuses a locked account
+rm -rf /home/gitsrv/origin.git /root/sshwork /opt/app/ssh-config
+git init -q --bare -b main /home/gitsrv/origin.git
+git clone -q /home/gitsrv/origin.git /root/sshwork 2>/dev/null
+cd /root/sshwork && git -c user.name=op -c user.email=op@e2e commit -q --allow-empty -m first && git push -q origin main
+chown -R gitsrv:gitsrv /home/gitsrv/origin.git
+ssh-keygen -A >/dev/null
+printf 'Port $SSH_PORT\nListenAddress 127.0.0.1\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n' > /root/sshd_config
+mkdir -p /run/sshd
+systemd-run --unit=e2e-sshd --quiet /usr/sbin/sshd -D -f /root/sshd_config
+install -d -o cockpit-agent -g cockpit-agent -m 0700 /var/lib/cockpit-agent/.ssh
+setpriv --reuid=cockpit-agent --regid=cockpit-agent --init-groups ssh-keygen -q -t ed25519 -N '' -f /var/lib/cockpit-agent/.ssh/id_ed25519
+install -d -o gitsrv -g gitsrv -m 0700 /home/gitsrv/.ssh
+install -o gitsrv -g gitsrv -m 0600 /var/lib/cockpit-agent/.ssh/id_ed25519.pub /home/gitsrv/.ssh/authorized_keys
+for i in \$(seq 50); do ssh-keyscan -p $SSH_PORT 127.0.0.1 > /root/known_hosts 2>/dev/null && [ -s /root/known_hosts ] && break; sleep 0.1; done
+install -o cockpit-agent -g cockpit-agent -m 0600 /root/known_hosts /var/lib/cockpit-agent/.ssh/known_hosts
+git clone -q /home/gitsrv/origin.git /opt/app/ssh-config 2>/dev/null
+git -C /opt/app/ssh-config remote set-url origin ssh://gitsrv@127.0.0.1:$SSH_PORT/home/gitsrv/origin.git
+chown -R cockpit-agent:cockpit-agent /opt/app/ssh-config
+mkdir -p /etc/systemd/system/cockpit-agent.service.d
+printf '[Service]\nReadWritePaths=/opt/app/ssh-config\n' > /etc/systemd/system/cockpit-agent.service.d/repos.conf
+systemctl daemon-reload"
 
 # docs/OPERATIONS.md's custom command, as written there: the systemctl_restart example in
 # handlers.d, a unit to restart, and the polkit rule that lets the agent's user restart it.
@@ -234,9 +270,17 @@ t_priorities() {  # journald gets each line's priority: warnings alone with -p w
     in_ct 'journalctl -b -u cockpit-agent -p warning --no-pager | grep -q "not an allowed branch name" &&
            ! journalctl -b -u cockpit-agent -p warning --no-pager | grep -q "subscribed to"'
 }
+t_git_ssh() {
+    in_ct 'cd /root/sshwork && echo over-ssh > via.txt && git add via.txt &&
+        git -c user.name=op -c user.email=op@e2e commit -qm ssh && git push -q origin main &&
+        chown -R gitsrv:gitsrv /home/gitsrv/origin.git' &&
+    send 'git_pull repository_path=/opt/app/ssh-config' | grep -q '"status": "success"' &&
+    test "$(in_ct 'cat /opt/app/ssh-config/via.txt')" = over-ssh
+}
 check "echo" t_echo
 check "git_pull under ProtectSystem=strict brings the new commit" t_git_pull
 check "a hostile branch is refused" t_hostile
+check "git_pull over ssh: deploy key and known_hosts in the agent's HOME, under the sandbox" t_git_ssh
 check "journald: priorities (journalctl -p warning shows the refusal, not the INFO lines)" t_priorities
 check "custom command from handlers.d: systemctl_restart of demo.service through polkit" t_custom
 check "custom command: a unit outside SYSTEMCTL_UNITS is refused" t_custom_refused
@@ -254,6 +298,24 @@ check "killed with SIGKILL: systemd restarts it (Restart=on-failure) and it answ
     systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
 t_again() { send 'echo message=again' | grep -q '"output": "again"'; }
 check "echo after the restart" t_again
+
+t_watchdog() {  # WatchdogSec=3: pings keep a healthy agent alive; a frozen one is killed and restarted
+    local restarts pid
+    in_ct 'printf "[Service]\nWatchdogSec=3\n" > /etc/systemd/system/cockpit-agent.service.d/watchdog.conf &&
+        systemctl daemon-reload && systemctl restart cockpit-agent' || return 1
+    restarts=$(in_ct 'systemctl show -p NRestarts --value cockpit-agent')
+    sleep 7  # more than two watchdog periods: a missing ping would have killed it by now
+    in_ct "[ \"\$(systemctl show -p NRestarts --value cockpit-agent)\" = $restarts ] &&
+           systemctl is-active -q cockpit-agent" || { echo "      restarted while healthy"; return 1; }
+    pid=$(in_ct 'systemctl show -p MainPID --value cockpit-agent')
+    in_ct "kill -STOP $pid"
+    in_ct "for i in \$(seq 100); do [ \"\$(systemctl show -p NRestarts --value cockpit-agent)\" -gt $restarts ] && exit 0; sleep 0.2; done; exit 1" &&
+    in_ct 'journalctl -b -u cockpit-agent --no-pager | grep -q "Watchdog timeout"' &&
+    in_ct 'rm /etc/systemd/system/cockpit-agent.service.d/watchdog.conf && systemctl daemon-reload &&
+        systemctl restart cockpit-agent && for i in $(seq 50); do
+        systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
+}
+check "watchdog: a healthy agent keeps pinging; a frozen one (SIGSTOP) is killed and restarted" t_watchdog
 
 in_ct 'cp -p /etc/cockpit-agent/agent.env /root/agent.env.good && echo REDIS_PORT=sixty >> /etc/cockpit-agent/agent.env'
 in_ct 'systemctl restart cockpit-agent' >/dev/null 2>&1 || true
