@@ -1078,7 +1078,11 @@ class Flusher(Loop):
                 wait = min(wait, max(0.01, soonest - time.monotonic()))
                 with self._handed_lock:
                     self._confirm_timer = not self._handed
-            self.agent.outbox_wake.wait(wait)
+            # A stop sets ``stop``, then the wake-up. If both came before the clear above, the
+            # wake-up is gone: without this check the stop waited out the whole wait (5 s) and
+            # the joins timed out before the last confirmations (seen under systemd).
+            if not self.stop.is_set():
+                self.agent.outbox_wake.wait(wait)
             return
         self.publish(rows)
 
@@ -1218,6 +1222,8 @@ class Heartbeat(Loop):
 
     def loop_once(self) -> None:
         self.agent.heartbeat_now.clear()
+        if self.stop.is_set():  # a stop that came just before the clear: no "online" after it
+            return
         self.agent.audit.report_suppressed()
         self.beat("online")
         self.agent.heartbeat_now.wait(self.config.heartbeat_interval)

@@ -4,6 +4,7 @@ ordering per target, duplicates, and malformed input that must never stop it."""
 import json
 import logging
 import subprocess
+import threading
 
 import pytest
 
@@ -344,4 +345,35 @@ def test_the_stop_line_counts_the_outbox_after_the_flusher_s_last_round(running_
     store.close()
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped;")]
     assert stopped and "0 queued commands and 0 unsent messages kept" in stopped[0], stopped
+
+
+class _StopJustBeforeClear(threading.Event):
+    """An Event whose next clear() is preceded by what a stop does: ``thread.stop`` set, then
+    the wake-up set. That is the moment a stop can land in: after the loop checked ``stop``,
+    before the iteration clears its wake-up event."""
+
+    def __init__(self, thread):
+        super().__init__()
+        self.thread, self.armed = thread, True
+
+    def clear(self):
+        if self.armed:
+            self.armed = False
+            self.thread.stop.set()
+            self.set()
+        super().clear()
+
+
+@pytest.mark.parametrize("name, event", [("flusher", "outbox_wake"), ("heartbeat", "heartbeat_now")])
+def test_a_stop_just_before_a_loop_clears_its_wake_up_ends_the_loop_at_once(running_agent, name, event):
+    """Seen under systemd: a stop took 5 s more, and the flusher's last confirmations could be
+    cut off. The flusher cleared the wake-up that the stop had just set, then waited out its
+    5 s (the heartbeat, its 30 s, after writing "online" once more)."""
+    agent = running_agent()
+    thread = getattr(agent, name)
+    old = getattr(agent, event)
+    setattr(agent, event, _StopJustBeforeClear(thread))
+    old.set()  # end the current wait: the next iteration clears the new event
+    thread.join(2.0)
+    assert not thread.is_alive(), f"the {name} still waits after its stop"
 
