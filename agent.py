@@ -1059,8 +1059,10 @@ class Flusher(Loop):
 
     def pause(self, delay: float) -> None:
         # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
-        # Redis is back, not after the rest of a backoff of up to 5 s.
-        self.agent.outbox_wake.wait(delay)
+        # Redis is back, not after the rest of a backoff of up to 5 s. A stop whose wake-up
+        # this iteration cleared ends it too (see loop_once).
+        if not self.stop.is_set():
+            self.agent.outbox_wake.wait(delay)
 
     def loop_once(self) -> None:
         self._take_handed()
@@ -1414,10 +1416,13 @@ class Agent:
         return EX_SOFTWARE if died and code == 0 else code
 
     def _close_service(self) -> None:
-        """Stop the notifier and the metrics endpoint."""
-        self.notifier.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        """Stop the notifier and the metrics endpoint; a failure is logged, the stop goes on."""
+        for part in (self.notifier, self.metrics):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as exc:
+                    log.warning("could not close %s: %s", type(part).__name__, exc)
 
     def _wait(self, condition, timeout: float) -> bool:
         """Wait for ``condition()`` up to ``timeout`` s, giving up early on a forced stop."""

@@ -3,8 +3,10 @@ ordering per target, duplicates, and malformed input that must never stop it."""
 
 import json
 import logging
+import sqlite3
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -354,14 +356,27 @@ class _StopJustBeforeClear(threading.Event):
 
     def __init__(self, thread):
         super().__init__()
-        self.thread, self.armed = thread, True
+        self.thread, self.fired = thread, threading.Event()
 
     def clear(self):
-        if self.armed:
-            self.armed = False
+        if not self.fired.is_set():
+            self.fired.set()
             self.thread.stop.set()
             self.set()
         super().clear()
+
+
+def _stop_just_before_the_clear(agent, thread, event: str) -> None:
+    """Swap ``agent.<event>`` for a _StopJustBeforeClear and get ``thread`` to clear it."""
+    old = getattr(agent, event)
+    armed = _StopJustBeforeClear(thread)
+    setattr(agent, event, armed)
+    old.set()  # ends a wait on the old event: the next iteration clears the new one
+    deadline = time.monotonic() + 10
+    while not armed.fired.wait(0.05):
+        # A thread already past its clear when the events were swapped waits on the new one.
+        threading.Event.set(armed)
+        assert time.monotonic() < deadline, "the thread never cleared its wake-up event"
 
 
 @pytest.mark.parametrize("name, event", [("flusher", "outbox_wake"), ("heartbeat", "heartbeat_now")])
@@ -371,9 +386,22 @@ def test_a_stop_just_before_a_loop_clears_its_wake_up_ends_the_loop_at_once(runn
     5 s (the heartbeat, its 30 s, after writing "online" once more)."""
     agent = running_agent()
     thread = getattr(agent, name)
-    old = getattr(agent, event)
-    setattr(agent, event, _StopJustBeforeClear(thread))
-    old.set()  # end the current wait: the next iteration clears the new event
+    _stop_just_before_the_clear(agent, thread, event)
     thread.join(2.0)
     assert not thread.is_alive(), f"the {name} still waits after its stop"
 
+
+def test_a_stop_just_before_the_flusher_clears_its_wake_up_ends_a_failed_iteration_at_once(running_agent):
+    """The same stop, when that iteration then fails (Redis gone, a disk error): the flusher's
+    backoff waited on the wake-up the iteration had cleared."""
+    agent = running_agent()
+    flusher = agent.flusher
+
+    def failing_due(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    flusher.store.due = failing_due
+    flusher.retry_delay = lambda exc: 5.0  # the longest backoff
+    _stop_just_before_the_clear(agent, flusher, "outbox_wake")
+    flusher.join(2.0)
+    assert not flusher.is_alive(), "the flusher sat out its backoff after its stop"
