@@ -269,7 +269,9 @@ def send(config: Config, args: argparse.Namespace) -> int:
     """``send``: subscribe, publish (signed when a secret is set), wait, print the response."""
     agent_id = args.agent or config.agent_id
     params = dict(args.params)
-    takes, unknown = _unknown_params(config, args.command, params, args.env_file)
+    # Only for this host's own agent: another (--agent) may run a newer version with more.
+    takes, unknown = ((), []) if agent_id != config.agent_id else \
+        _unknown_params(config, args.command, params, args.env_file)
     if unknown:
         # The agent ignores parameters it does not know (a newer backend may send more), so a
         # mistyped one would run the command with its defaults: container=x restarts the first

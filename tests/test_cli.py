@@ -126,6 +126,9 @@ def test_send_refuses_a_parameter_the_command_does_not_take(running_agent, agent
     right = cli(agent_env, "send", "docker_restart", "container_name=grafana")
     assert right.returncode == 0, right.stderr
     assert [call[-1] for call in fake_docker.calls()] == ["grafana"]
+    # Another agent (--agent) may be a newer version that takes more: not judged here.
+    other = cli(agent_env, "send", "docker_restart", "container=nope", "--agent", "other-host", "--timeout", "2")
+    assert other.returncode == 3 and "no agent is subscribed to cockpit-agent:other-host" in other.stderr
 
 
 def test_send_exits_1_on_an_error_response_and_sends_typed_params(running_agent, agent_env):
