@@ -231,8 +231,13 @@ done
 echo "env: $(tail -n 1 /etc/cockpit-agent/agent.env)"
 # The operator command run by root: a stand-in for the venv's python says who runs it, and how.
 mkdir -p /opt/cockpit-agent/venv/bin
-printf '#!/bin/sh\necho "as $(id -un) in $(id -Gn) home=$HOME env=$COCKPIT_AGENT_ENV_FILE creds=${CREDENTIALS_DIRECTORY:-none} args=$*"\n' \
-    > /opt/cockpit-agent/venv/bin/python
+cat > /opt/cockpit-agent/venv/bin/python <<'PY'
+#!/bin/sh
+printf 'as %s in %s home=%s env=%s creds=%s args=' "$(id -un)" "$(id -Gn)" "$HOME" "$COCKPIT_AGENT_ENV_FILE" \
+    "${CREDENTIALS_DIRECTORY:-none}"
+printf '[%s]' "$@"
+echo
+PY
 chmod 0755 /opt/cockpit-agent/venv/bin/python
 echo "root runs: $(/usr/local/bin/cockpit-agent check 'two words')"
 mkdir -p /run/credentials/cockpit-agent.service  # what systemd makes for LoadCredential= while the unit runs
@@ -276,9 +281,9 @@ def test_live_install_as_root_on_a_private_stand_in_host(tmp_path):
     assert ran, facts
     assert ran.group(1) == "cockpit-agent" and set(ran.group(2).split()) == {"cockpit-agent", "docker"}
     assert ran.group(3) == "/var/lib/cockpit-agent" and ran.group(4) == "/etc/cockpit-agent/agent.env"
-    assert ran.group(5) == "/opt/cockpit-agent/agent.py check two words"
+    assert ran.group(5) == "[/opt/cockpit-agent/agent.py][check][two words]"  # one argument each
     # A password given to the service with LoadCredential= is found by the command too.
-    assert "creds=/run/credentials/cockpit-agent.service args=/opt/cockpit-agent/agent.py status" in facts
+    assert "creds=/run/credentials/cockpit-agent.service args=[/opt/cockpit-agent/agent.py][status]" in facts
     assert "after purge: no user 0" in facts
     assert calls.read_text().splitlines() == [
         "daemon-reload", "enable cockpit-agent.service",
