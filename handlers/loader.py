@@ -90,7 +90,12 @@ def load_dir(directory: str, root_uid: int = 0) -> list[Handler]:
         raise ConfigError(f"HANDLERS_DIR: {directory} is not a directory")
     check_safe(directory, "directory", root_uid)
     found: list[Handler] = []
-    for entry in sorted(os.listdir(directory)):
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:  # e.g. mode 0711: the agent's user may enter it but not list it
+        raise ConfigError(f"HANDLERS_DIR: cannot list {directory}: {exc.strerror}; "
+                          f"it must be readable by the agent's user (chmod 0755 {directory})") from None
+    for entry in entries:
         if not entry.endswith(".py") or entry.startswith((".", "_")):
             continue
         path = os.path.join(directory, entry)

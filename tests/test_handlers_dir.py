@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 
@@ -95,6 +96,21 @@ def test_a_directory_not_owned_by_root_is_refused(handlers_dir):
     os.chown(handlers_dir, NOBODY, NOBODY)
     with pytest.raises(ConfigError, match="not root"):
         registry_with_dir(REGISTRY, str(handlers_dir))
+
+
+def test_a_handlers_dir_the_agent_may_not_list_is_a_clear_error(handlers_dir):
+    """It was a PermissionError traceback (the agent, check and send all load it). The suite
+    runs as root, which lists anything; without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (cut
+    from the bounding set by setpriv), a 0311 directory is as unreadable as 0711 is for the
+    agent's user."""
+    write(handlers_dir, "extra.py", "HANDLERS = []\n")
+    handlers_dir.chmod(0o311)
+    code = ("from errors import ConfigError\nfrom handlers.loader import load_dir\n"
+            f"try:\n    load_dir({str(handlers_dir)!r})\nexcept ConfigError as exc:\n    print(exc)\n")
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+                             sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"HANDLERS_DIR: cannot list {handlers_dir}: Permission denied"), result.stdout
 
 
 def test_a_duplicate_name_is_an_error(handlers_dir):
