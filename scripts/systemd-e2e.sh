@@ -127,6 +127,7 @@ ENGINE
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 SSH_PORT=$(free_port)
+METRICS_PORT=$(free_port)
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --requirepass "$PASSWORD" \
     --logfile "$E2E_DIR/redis.log" --daemonize no &
 REDIS_PID=$!
@@ -173,6 +174,7 @@ ok "make install"
 in_ct "set -e
 printf '%s\n' REDIS_HOST=127.0.0.1 REDIS_PORT=$PORT REDIS_PASSWORD=$PASSWORD AGENT_ID=$AGENT_ID \
     GIT_REPO_PATH=/opt/app/config,/opt/app/ssh-config DOCKER_CONTAINER_NAME=grafana,slow SHUTDOWN_GRACE=20 \
+    METRICS_PORT=$METRICS_PORT \
     >> /etc/cockpit-agent/agent.env
 git config --global --add safe.directory '*'
 rm -rf /srv/origin.git /opt/app/config /root/work
@@ -281,6 +283,14 @@ check "echo" t_echo
 check "git_pull under ProtectSystem=strict brings the new commit" t_git_pull
 check "a hostile branch is refused" t_hostile
 check "git_pull over ssh: deploy key and known_hosts in the agent's HOME, under the sandbox" t_git_ssh
+t_metrics() {  # the Prometheus endpoint, from the sandbox (AF_INET, no capabilities)
+    python3 - "$METRICS_PORT" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+sys.exit(0 if "cockpit_agent_" in text and 'command="echo"' in text else 1)
+PY
+}
+check "metrics: /metrics answers from inside the sandbox and counts the echo" t_metrics
 check "journald: priorities (journalctl -p warning shows the refusal, not the INFO lines)" t_priorities
 check "custom command from handlers.d: systemctl_restart of demo.service through polkit" t_custom
 check "custom command: a unit outside SYSTEMCTL_UNITS is refused" t_custom_refused
