@@ -240,33 +240,34 @@ check "systemctl start: active, STATUS online" in_ct 'for i in $(seq 50); do
     systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
 check "registry agents:$AGENT_ID says online" test "$(rcli hget "agents:$AGENT_ID" status)" = online
 send() { in_ct "cockpit-agent send $1 --timeout 20"; }
-t_echo() { send 'echo message=hi' | grep -q '"output": "hi"'; }
+# Does the answer to `send $1` contain $2? (Not `send | grep -q`: with pipefail, grep's early
+# exit can fail the pipeline through SIGPIPE.) Prints the answer when it does not.
+answer_has() {
+    local out
+    out=$(send "$1" 2>&1 || true)
+    grep -qF -- "$2" <<<"$out" || { echo "$out" | head -n 20; return 1; }
+}
+t_echo() { answer_has 'echo message=hi' '"output": "hi"'; }
 t_git_pull() {
     in_ct 'cd /root/work && echo v2 > settings.conf && git add settings.conf &&
         git -c user.name=op -c user.email=op@e2e commit -qm second && git push -q origin main' &&
-    send git_pull | grep -q '"status": "success"' &&
+    answer_has git_pull '"status": "success"' &&
     test "$(in_ct 'cat /opt/app/config/settings.conf')" = v2
 }
-t_hostile() {
-    local out
-    out=$(send 'git_pull "branch=main; rm -rf /"' || true)
-    grep -q 'not an allowed branch name' <<<"$out" || { echo "$out"; return 1; }
-}
+t_hostile() { answer_has 'git_pull "branch=main; rm -rf /"' 'not an allowed branch name'; }
 t_docker() {
-    send docker_restart | grep -q '"output": "grafana"' &&
+    answer_has docker_restart '"output": "grafana"' &&
     in_ct 'grep -q "POST /v[0-9.]*/containers/grafana/restart" /root/engine.log'
 }
 t_custom() {
     local before after
     before=$(in_ct 'systemctl show -p MainPID --value demo.service')
-    send 'systemctl_restart unit=demo.service' | grep -q '"status": "success"' &&
+    answer_has 'systemctl_restart unit=demo.service' '"status": "success"' &&
     after=$(in_ct 'systemctl show -p MainPID --value demo.service') &&
     [ "$after" != "$before" ] && [ "$after" != 0 ]
 }
-t_custom_refused() {  # send exits 1 on an error answer, hence no pipe (pipefail)
-    local out
-    out=$(send 'systemctl_restart unit=ssh.service' || true)
-    grep -q "unit 'ssh.service' is not whitelisted; allowed: demo.service" <<<"$out" || { echo "$out"; return 1; }
+t_custom_refused() {
+    answer_has 'systemctl_restart unit=ssh.service' "unit 'ssh.service' is not whitelisted; allowed: demo.service"
 }
 t_priorities() {  # journald gets each line's priority: warnings alone with -p warning
     in_ct 'journalctl -b -u cockpit-agent -p warning --no-pager | grep -q "not an allowed branch name" &&
@@ -276,7 +277,7 @@ t_git_ssh() {
     in_ct 'cd /root/sshwork && echo over-ssh > via.txt && git add via.txt &&
         git -c user.name=op -c user.email=op@e2e commit -qm ssh && git push -q origin main &&
         chown -R gitsrv:gitsrv /home/gitsrv/origin.git' &&
-    send 'git_pull repository_path=/opt/app/ssh-config' | grep -q '"status": "success"' &&
+    answer_has 'git_pull repository_path=/opt/app/ssh-config' '"status": "success"' &&
     test "$(in_ct 'cat /opt/app/ssh-config/via.txt')" = over-ssh
 }
 check "echo" t_echo
@@ -306,7 +307,7 @@ in_ct 'systemctl kill -s KILL cockpit-agent'
 check "killed with SIGKILL: systemd restarts it (Restart=on-failure) and it answers" in_ct 'for i in $(seq 100); do
     [ "$(systemctl show -p NRestarts --value cockpit-agent)" = 1 ] &&
     systemctl show -p StatusText --value cockpit-agent | grep -q "^online" && exit 0; sleep 0.2; done; exit 1'
-t_again() { send 'echo message=again' | grep -q '"output": "again"'; }
+t_again() { answer_has 'echo message=again' '"output": "again"'; }
 check "echo after the restart" t_again
 
 t_watchdog() {  # WatchdogSec=3: pings keep a healthy agent alive; a frozen one is killed and restarted
@@ -365,7 +366,7 @@ t_credential() {  # the password as a systemd credential (SECURITY.md), out of a
         > /etc/systemd/system/cockpit-agent.service.d/credential.conf
     systemctl daemon-reload && systemctl start cockpit-agent
     for i in \$(seq 50); do systemctl show -p StatusText --value cockpit-agent | grep -q '^online' && break; sleep 0.2; done" &&
-    send 'echo message=credential' | grep -q '"output": "credential"' &&
+    answer_has 'echo message=credential' '"output": "credential"' &&
     in_ct 'systemctl stop cockpit-agent'
 }
 check "REDIS_PASSWORD as a systemd credential: the service and sudo cockpit-agent send both use it" t_credential
