@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._parsers.__all__
 
 import logs
 import protocol
@@ -599,6 +600,11 @@ class Listener(Loop):
 
     def setup(self) -> None:
         self.client = self.config.redis_client()
+        # _buffered looks into redis-py's pure-Python parser to tell a message that has partly
+        # arrived from none at all. hiredis, where installed, replaces that parser by default
+        # and would bring back the loss _next_message prevents, so these connections keep it
+        # (redis-py swaps _RESP2Parser for its RESP3 twin when it speaks RESP3, its default).
+        self.client.connection_pool.connection_kwargs["parser_class"] = PythonParser
         self.store = self.agent.open_store()
         self.intake = Intake(self.agent, self.store, self.client)
         self.pubsub: redis.client.PubSub | None = None
@@ -671,7 +677,9 @@ class Listener(Loop):
         ms behind) it reconnects, silently dropping that message and everything behind it.
         With t = 0, to see whether more had arrived, a network that split a burst lost most of
         it. So the wait for a message to start is done here, and redis-py is only asked once
-        there is something to read. A parser this does not know (hiredis) gets the old call.
+        there is something to read. A parser this does not know gets the old call; setup
+        makes sure the listener's connections use the one it knows, even where hiredis is
+        installed.
         """
         buffered = self._buffered()
         if buffered is None:

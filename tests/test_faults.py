@@ -4,6 +4,7 @@ right after a PUBLISH."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sqlite3
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from redis._parsers import _RESP3Parser
+from redis.connection import AbstractConnection
 
 from conftest import wait_for
 
@@ -269,18 +272,60 @@ class SplittingNetwork:
             sock.close()
 
 
-def test_commands_split_across_network_reads_are_all_answered(running_agent, redis_server, make_backend):
+class _Unreadable:
+    """A parser's socket buffer that does everything but say how much of it is unread."""
+
+    def __init__(self, buffer):
+        object.__setattr__(self, "_inner", buffer)
+
+    def __getattr__(self, name):
+        if name == "unread_bytes":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+
+class FakeHiredisParser(_RESP3Parser):
+    """A stand-in for redis-py's hiredis parser (hiredis is not installed here): it parses RESP3
+    (redis-py 8's default protocol) like the pure-Python one but, like hiredis, offers no buffer
+    whose unread bytes can be counted."""
+
+    def on_connect(self, connection):
+        super().on_connect(connection)
+        self._buffer = _Unreadable(self._buffer)
+
+
+@pytest.fixture(params=["python", "hiredis"])
+def default_parser(request, monkeypatch):
+    """redis-py's default parser: the pure-Python one, or what it is where hiredis is installed."""
+    if request.param == "hiredis":
+        init = inspect.unwrap(AbstractConnection.__init__)  # redis-py decorates it
+        names = init.__code__.co_varnames[1:init.__code__.co_argcount]
+        defaults = list(init.__defaults__)
+        defaults[names.index("parser_class") - (len(names) - len(defaults))] = FakeHiredisParser
+        monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    return request.param
+
+
+def test_commands_split_across_network_reads_are_all_answered(running_agent, redis_server, make_backend,
+                                                              default_parser):
     """Redis writes a burst to the agent in one go; the network delivers it in two parts 50 ms
     apart, so the listener reads a command and the first half of the next. redis-py gives up on
     a half-read message after the timeout it was asked to wait (0 when the listener looked for
-    more) and reconnects, dropping it and all behind it: 36 of 60 commands were lost this way."""
-    network = SplittingNetwork(redis_server.port)
+    more) and reconnects, dropping it and all behind it: 36 of 60 commands were lost this way.
+    Where hiredis is redis-py's default parser the listener still uses the Python one, whose
+    buffer it reads. With the hiredis stand-in as its parser, it fell back to redis-py's own
+    wait of 0.5 s, and a message whose second half came 0.8 s later was lost with those behind."""
+    pause, rounds = (0.05, 10) if default_parser == "python" else (0.8, 3)
+    network = SplittingNetwork(redis_server.port, pause)
     try:
         agent = running_agent(REDIS_PORT=network.port)
         backend = make_backend(agent.config.agent_id)
         client = redis_server.client()
         ids = []
-        for round_ in range(10):
+        for round_ in range(rounds):
             pipe = client.pipeline(transaction=False)
             for i in range(3):
                 message = backend.message("echo", {"message": f"r{round_}-{i}"})
