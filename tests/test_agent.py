@@ -396,6 +396,7 @@ def test_a_stop_just_before_the_flusher_clears_its_wake_up_ends_a_failed_iterati
     backoff waited on the wake-up the iteration had cleared."""
     agent = running_agent()
     flusher = agent.flusher
+    wait_for(lambda: hasattr(flusher, "store"), 10, message="the flusher to open its store")
 
     def failing_due(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
