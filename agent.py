@@ -1394,6 +1394,20 @@ class Agent:
             self.metrics.start()
         self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
+        self.warn_unwritable_repos()
+
+    def warn_unwritable_repos(self) -> list[str]:
+        """Say at start which whitelisted repositories the agent cannot write: git_pull there
+        would fail. Under the unit (ProtectSystem=strict) that is a repository left out of
+        ReadWritePaths=, which the agent's own user, outside the service, could write."""
+        unwritable = []
+        for repo in self.config.git_repo_paths:
+            if os.path.isdir(repo) and not os.access(repo, os.W_OK):
+                unwritable.append(repo)
+                log.warning("repository %s is not writable here (%s), so git_pull there will fail; under "
+                            "systemd, add ReadWritePaths=%s (systemctl edit cockpit-agent)",
+                            repo, "read-only file system" if _read_only_mount(repo) else "permissions", repo)
+        return unwritable
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The first SIGTERM/SIGINT asks for a graceful stop, the second for an immediate one.
@@ -1496,6 +1510,13 @@ class Agent:
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0
+
+
+def _read_only_mount(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class SignalWatcher(threading.Thread):

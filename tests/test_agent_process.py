@@ -4,11 +4,12 @@ it, the agent itself SIGKILLed, and signed messages."""
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import SECRET, wait_for
+from conftest import ROOT, SECRET, wait_for
 
 
 def registry(server, agent_id):
@@ -148,3 +149,28 @@ def test_signed_messages(signed_agent, fake_docker, redis_server):
     assert len(fake_docker.calls()) == 1
     assert SECRET not in agent.log()
     assert all(SECRET not in json.dumps(r) for r in backend.responses)
+
+
+def test_a_repository_the_agent_cannot_write_is_named_at_start(agent_env, git_repos, tmp_path, redis_server):
+    """Under the unit (ProtectSystem=strict) a repository left out of ReadWritePaths= is
+    read-only for the agent, while check, run outside the service, finds it writable: git_pull
+    then failed with 'Read-only file system' and nothing had said so before. The agent runs
+    here in a private mount namespace with the repository bind-mounted read-only, as systemd
+    would leave it."""
+    repo = git_repos.clone
+    log_path = tmp_path / "agent.log"
+    script = (f"mount --make-rprivate / && mount --bind {repo} {repo} && mount -o remount,bind,ro {repo} && "
+              f"exec {sys.executable} {ROOT / 'agent.py'} run")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=agent_env, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "started:" in log_path.read_text() or proc.poll() is not None, 30, message="the start")
+        wait_for(lambda: "is not writable here" in log_path.read_text(), 5, message="the warning")
+        text = log_path.read_text()
+        assert f"repository {repo} is not writable here (read-only file system)" in text, text
+        assert f"add ReadWritePaths={repo} (systemctl edit cockpit-agent)" in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
