@@ -217,6 +217,7 @@ def check(env_file: str | None) -> int:
     finally:
         client.close()
 
+    unit_writes = _unit_writable_paths()
     for repo in config.git_repo_paths:
         name = f"repository {repo}"
         if not os.path.isdir(repo):
@@ -229,6 +230,12 @@ def check(env_file: str | None) -> int:
         code, out, err = _run([config.git_bin, "-C", repo, "remote", "get-url", "origin"])
         if code != 0:
             checks.report(False, name, f"git work tree without an origin remote: {err or f'git exited {code}'}")
+            continue
+        if unit_writes is not None and not _within(repo, unit_writes):
+            # check runs outside the service's sandbox, where the repository is writable; the
+            # service, under ProtectSystem=strict, would find it read-only.
+            checks.report(False, name, f"git work tree, but the unit {UNIT} does not let the service write it, "
+                          f"so git_pull there will fail: systemctl edit {UNIT}, add ReadWritePaths={repo}")
             continue
         checks.report(True, name, f"git work tree, origin {_redact_url(out)}")
 
@@ -250,6 +257,29 @@ def check(env_file: str | None) -> int:
     else:
         checks.report(True, "state", f"{config.outbox_db} will be created (in {target}, writable)")
     return EX_FAIL if checks.failed else EX_OK
+
+
+UNIT = "cockpit-agent.service"
+
+
+def _unit_writable_paths() -> list[str] | None:
+    """What the installed unit lets the service write, when it makes the rest read-only
+    (ProtectSystem=strict); None without such a unit here (no systemd, not installed)."""
+    code, out, _ = _run(["systemctl", "show", "-p", "LoadState", "-p", "ProtectSystem", "-p", "ReadWritePaths",
+                         "-p", "StateDirectory", UNIT])
+    if code != 0:
+        return None
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if props.get("LoadState") != "loaded" or props.get("ProtectSystem") != "strict":
+        return None
+    paths = [path.lstrip("-+") for path in props.get("ReadWritePaths", "").split()]
+    return paths + [os.path.join("/var/lib", name) for name in props.get("StateDirectory", "").split()]
+
+
+def _within(path: str, roots: list[str]) -> bool:
+    path = os.path.realpath(path)
+    return any(path == root or path.startswith(root.rstrip("/") + "/")
+               for root in (os.path.realpath(r) for r in roots if r))
 
 
 def _docker_server_version(text: str) -> str | None:

@@ -88,6 +88,28 @@ def test_check_reports_a_binary_it_may_not_run_instead_of_crashing(agent_env, gi
     assert "ok    state:" in result.stdout  # the checks after it still ran
 
 
+def test_check_says_when_the_unit_would_not_let_the_service_write_a_repository(agent_env, git_repos, tmp_path):
+    # check runs outside the service's sandbox; under ProtectSystem=strict a repository left out
+    # of ReadWritePaths= is read-only for the service and git_pull there fails. A stand-in for
+    # systemctl (no systemd runs here) answers `systemctl show` as an installed unit would.
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+
+    def unit(read_write: str) -> dict:
+        (fake / "systemctl").write_text("#!/bin/sh\nprintf '%s\\n' LoadState=loaded ProtectSystem=strict "
+                                        f"'ReadWritePaths={read_write}' StateDirectory=cockpit-agent\n")
+        (fake / "systemctl").chmod(0o755)
+        return {**agent_env, "PATH": f"{fake}:{agent_env.get('PATH', '/usr/bin:/bin')}"}
+
+    left_out = cli(unit("-/opt/app/config"), "check")
+    assert left_out.returncode == 1, left_out.stdout + left_out.stderr
+    assert (f"FAIL  repository {git_repos.clone}: git work tree, but the unit cockpit-agent.service does not let "
+            f"the service write it, so git_pull there will fail: systemctl edit cockpit-agent.service, "
+            f"add ReadWritePaths={git_repos.clone}") in left_out.stdout
+    listed = cli(unit(f"-/opt/app/config {git_repos.clone.parent}"), "check")
+    assert f"ok    repository {git_repos.clone}: git work tree" in listed.stdout, listed.stdout
+
+
 def test_check_with_a_bad_setting_names_it_and_exits_78(agent_env):
     result = cli({**agent_env, "REDIS_PORT": "sixty"}, "check")
     assert result.returncode == 78
