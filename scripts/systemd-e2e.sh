@@ -8,7 +8,7 @@
 # capabilities) letting git (also over ssh) and the docker CLI work, journald priorities, the
 # example custom command restarting a unit through polkit, the watchdog, Restart= after a kill,
 # exit 78 not restarted, the password as a credential, a stop that lets a running command
-# finish, what a stop leaves on disk, make uninstall PURGE=1.
+# finish, what a stop leaves on disk, a repository left out of ReadWritePaths=, make uninstall.
 #
 # Needs root, network (Debian's mirror once, then PyPI) and ~400 MB in E2E_DIR. The container's
 # root file system is kept there between runs (E2E_FRESH=1 builds it again). The fakes, named:
@@ -370,6 +370,24 @@ t_credential() {  # the password as a systemd credential (SECURITY.md), out of a
     in_ct 'systemctl stop cockpit-agent'
 }
 check "REDIS_PASSWORD as a systemd credential: the service and sudo cockpit-agent send both use it" t_credential
+
+t_left_out() {  # a repository listed in GIT_REPO_PATH but not in the unit's ReadWritePaths=
+    local out
+    in_ct "set -e
+    rm -rf /opt/app/third && git clone -q /srv/origin.git /opt/app/third 2>/dev/null
+    chown -R cockpit-agent:cockpit-agent /opt/app/third
+    cp -p /etc/cockpit-agent/agent.env /root/agent.env.before-third
+    sed -i 's#^GIT_REPO_PATH=.*#&,/opt/app/third#' /etc/cockpit-agent/agent.env
+    systemctl start cockpit-agent" || return 1
+    in_ct 'for i in $(seq 50); do journalctl -b -u cockpit-agent --no-pager |
+        grep -q "repository /opt/app/third is not writable here (read-only file system)" && exit 0; sleep 0.2; done
+        exit 1' || { echo "      no warning at start"; return 1; }
+    out=$(in_ct 'cockpit-agent check' 2>&1 || true)
+    in_ct 'systemctl stop cockpit-agent && cp -p /root/agent.env.before-third /etc/cockpit-agent/agent.env'
+    grep -qF "FAIL  repository /opt/app/third: git work tree, but the unit cockpit-agent.service does not" <<<"$out" &&
+    grep -qF "ok    repository /opt/app/config: git work tree" <<<"$out" || { echo "$out"; return 1; }
+}
+check "a repository outside ReadWritePaths=: a warning at start, and a FAIL line from check" t_left_out
 
 t_purge() {
     in_ct 'cd /root/cockpit-agent && make uninstall PURGE=1 >/dev/null' &&
