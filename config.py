@@ -119,6 +119,10 @@ class Config:
         if self.redis_url:
             parts = urlsplit(self.redis_url)
             kwargs["url"] = self.redis_url
+            if parts.scheme == "unix":
+                # TCP keepalive has no meaning on a unix socket, and redis-py's unix connection
+                # refuses the keyword: every connection failed with a TypeError.
+                del kwargs["socket_keepalive"]
             if self.redis_ssl and parts.scheme == "redis":
                 # from_url takes no ssl=True: ask for the TLS connection class instead.
                 from redis.connection import SSLConnection
