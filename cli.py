@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 def _where(config: Config) -> str:
     if config.redis_url:
         parts = urlsplit(config.redis_url)
+        if parts.scheme == "unix":
+            return parts.path
         return f"{parts.hostname}:{parts.port or 6379}"
     return f"{config.redis_host}:{config.redis_port}"
 
