@@ -357,13 +357,22 @@ class _StopJustBeforeClear(threading.Event):
     def __init__(self, thread):
         super().__init__()
         self.thread, self.fired = thread, threading.Event()
+        self._lock = threading.Lock()
 
     def clear(self):
-        if not self.fired.is_set():
-            self.fired.set()
-            self.thread.stop.set()
-            self.set()
-        super().clear()
+        with self._lock:
+            if not self.fired.is_set():
+                self.fired.set()
+                self.thread.stop.set()
+                self.set()
+            super().clear()
+
+    def kick(self):
+        """Wake a thread waiting on this event without firing it; never after it fired (a
+        wake-up put back after the clear would let a thread that ignores ``stop`` pass)."""
+        with self._lock:
+            if not self.fired.is_set():
+                super().set()
 
 
 def _stop_just_before_the_clear(agent, thread, event: str) -> None:
@@ -375,7 +384,7 @@ def _stop_just_before_the_clear(agent, thread, event: str) -> None:
     deadline = time.monotonic() + 10
     while not armed.fired.wait(0.05):
         # A thread already past its clear when the events were swapped waits on the new one.
-        threading.Event.set(armed)
+        armed.kick()
         assert time.monotonic() < deadline, "the thread never cleared its wake-up event"
 
 

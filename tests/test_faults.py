@@ -324,6 +324,9 @@ def test_commands_split_across_network_reads_are_all_answered(running_agent, red
         agent = running_agent(REDIS_PORT=network.port)
         backend = make_backend(agent.config.agent_id)
         client = redis_server.client()
+        # "online" comes before Redis confirms the SUBSCRIBE (redis-py 8 counts it subscribed
+        # once sent), and that confirmation crosses the slow network: wait for Redis's count.
+        wait_for(lambda: client.pubsub_numsub(agent.config.command_channel)[0][1] == 1, 15)
         ids = []
         for round_ in range(rounds):
             pipe = client.pipeline(transaction=False)
