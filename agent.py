@@ -610,6 +610,8 @@ class Listener(Loop):
         self.pubsub: redis.client.PubSub | None = None
         self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
         self.probes_refused = False
+        self.confirm_nonce: str | None = None  # the PING that confirms a new subscription
+        self.confirm_sent_at = 0.0
 
     def teardown(self) -> None:
         self._close()
@@ -627,19 +629,30 @@ class Listener(Loop):
     def _subscribe(self) -> None:
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(self.config.command_channel)
-        # Wait for the subscribe confirmation, so "online" means commands are really heard.
-        deadline = time.monotonic() + self.config.redis_socket_timeout
-        while not self.pubsub.subscribed:
-            self.pubsub.get_message(timeout=0.2)
-            if time.monotonic() > deadline:
-                raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
+        # "online" must mean that commands are really heard. redis-py 8 counts a SUBSCRIBE as
+        # done once it is sent, so a PING follows it on the same connection: Redis answers in
+        # order, and its PONG is read by loop_once like any message (a command that arrives
+        # before it is accepted as usual), which then calls _online.
         now = time.monotonic()
+        self.confirm_nonce = f"cockpit-agent-subscribed-{random.getrandbits(64):016x}"
+        self.confirm_sent_at = now
+        self.pubsub.ping(self.confirm_nonce)
         self.last_pong = self.last_ping = now
         self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
+
+    def _online(self) -> None:
+        """Redis confirmed the subscription: say so, and send what waits."""
+        self.confirm_nonce = None
         self.log.info("subscribed to %s", self.config.command_channel)
         self.agent.redis_connected.set()
         self.agent.heartbeat_now.set()
         self.agent.flush_now()
+
+    def _other(self, message: dict[str, Any]) -> None:
+        """A message that is not a command: the PONG that confirms the subscription."""
+        if (self.confirm_nonce is not None and message["type"] == "pong"
+                and message["data"] == self.confirm_nonce.encode()):
+            self._online()
 
     def loop_once(self) -> None:
         if self.pubsub is None:
@@ -659,12 +672,18 @@ class Listener(Loop):
                             break
                         if more["type"] == "message":
                             batch.append(more["data"])
+                        else:
+                            self._other(more)
                 except Exception:
                     # E.g. the connection broke behind messages already read: they are accepted
                     # first (pub/sub never delivers them again), then the error is handled.
                     self._accept(batch, now)
                     raise
                 self._accept(batch, now)
+            else:
+                self._other(message)
+        if self.confirm_nonce is not None and now - self.confirm_sent_at > self.config.redis_socket_timeout:
+            raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
         self._check_liveness(now)
         self._check_subscription(time.monotonic())
 

@@ -224,11 +224,11 @@ class SplittingNetwork:
     sends to the agent arrives in two halves, ``pause`` s apart, as TCP segments or TLS records
     can over a real network. Nothing else is changed."""
 
-    def __init__(self, target_port: int, pause: float = 0.05):
+    def __init__(self, target_port: int, pause: float = 0.05, upstream_delay: float = 0.0):
         import socket
         import threading
 
-        self.target_port, self.pause = target_port, pause
+        self.target_port, self.pause, self.upstream_delay = target_port, pause, upstream_delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list = []
@@ -253,6 +253,8 @@ class SplittingNetwork:
 
         try:
             while data := source.recv(65536):
+                if not split and self.upstream_delay:  # the agent's bytes reach Redis late
+                    time.sleep(self.upstream_delay)
                 if split and len(data) > 1:
                     target.sendall(data[:len(data) // 2])
                     time.sleep(self.pause)
@@ -270,6 +272,19 @@ class SplittingNetwork:
         self.listener.close()
         for sock in self.sockets:
             sock.close()
+
+
+def test_online_means_that_redis_has_the_subscription(running_agent, redis_server):
+    """redis-py 8 counts a SUBSCRIBE as done once it is sent, so the agent said it was online
+    (and the backend could publish to it) before Redis had the subscription: a command sent
+    then had no receiver. Here every byte from the agent reaches Redis 0.3 s late; "online"
+    must wait for Redis's answer to the PING that follows the SUBSCRIBE."""
+    network = SplittingNetwork(redis_server.port, pause=0.0, upstream_delay=0.3)
+    try:
+        agent = running_agent(REDIS_PORT=network.port)  # returns once the agent says it is connected
+        assert redis_server.client().pubsub_numsub(agent.config.command_channel)[0][1] == 1
+    finally:
+        network.close()
 
 
 class _Unreadable:
