@@ -361,10 +361,10 @@ def _unknown_params(config: Config, command: str, params: dict[str, Any],
         registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
     except ConfigError:  # the agent would not start either; check says why
         registry = REGISTRY
-    handler = next((h for h in registry.handlers() if h.name == command), None)
+    handler = registry.get(command)
     if handler is None:
         return (), []
-    return handler.params, sorted(k for k in params if k not in handler.params)
+    return handler.params, handler.unknown(params)
 
 
 def _wait_response(pubsub, command_id: str, deadline: float) -> dict | None:

@@ -66,6 +66,10 @@ class Handler:
     params: tuple[str, ...]
     summary: str
 
+    def unknown(self, params: dict[str, Any]) -> list[str]:
+        """The names in ``params`` this handler does not take, sorted."""
+        return sorted(k for k in params if k not in self.params)
+
 
 class Registry:
     """The explicit map of command names to handlers. Nothing is looked up any other way."""
@@ -85,20 +89,24 @@ class Registry:
         """The registered handlers, in registration order (to build a registry from another)."""
         return list(self._handlers.values())
 
+    def get(self, command: Any) -> Handler | None:
+        """The handler registered as ``command``, or None."""
+        return self._handlers.get(command) if isinstance(command, str) else None
+
     def names(self) -> list[str]:
         """The registered command names, as the registry hash's ``capabilities`` lists them."""
         return sorted(self._handlers)
 
     def prepare(self, command: str, params: dict[str, Any], config: Config) -> Action:
         """Check a command and its parameters; return its Action or raise ValidationError."""
-        handler = self._handlers.get(command) if isinstance(command, str) else None
+        handler = self.get(command)
         if handler is None:
             raise ValidationError(
                 f"unknown command {preview(command)}; this agent runs: {', '.join(self.names())}"
             )
         if not isinstance(params, dict):
             raise ValidationError(f"params must be a JSON object, got a {type(params).__name__}")
-        unknown = sorted(k for k in params if k not in handler.params)
+        unknown = handler.unknown(params)
         if unknown:
             # Ignored rather than refused, so a newer backend that sends more stays compatible.
             log.warning("%s: ignoring unknown params %s", command, preview(unknown, 200))
