@@ -1085,9 +1085,13 @@ class Flusher(Loop):
         self.unconfirmed: dict[int, tuple[str | None, float]] = {}
 
     def pause(self, delay: float) -> None:
-        # The listener's reconnect (flush_now) ends the wait: a backlog goes out as soon as
-        # Redis is back, not after the rest of a backoff of up to 5 s. A stop whose wake-up
-        # this iteration cleared ends it too (see loop_once).
+        """Wait on outbox_wake: the listener's reconnect (flush_now) ends a backoff, so a backlog
+        goes out as soon as Redis is back, not after the rest of up to 5 s.
+
+        A stop sets ``stop``, then the wake-up. If both came before loop_once cleared the
+        wake-up, it is gone: without the check the stop waited out the whole wait (5 s) and the
+        joins timed out before the last confirmations (seen under systemd).
+        """
         if not self.stop.is_set():
             self.agent.outbox_wake.wait(delay)
 
@@ -1107,11 +1111,7 @@ class Flusher(Loop):
                 wait = min(wait, max(0.01, soonest - time.monotonic()))
                 with self._handed_lock:
                     self._confirm_timer = not self._handed
-            # A stop sets ``stop``, then the wake-up. If both came before the clear above, the
-            # wake-up is gone: without this check the stop waited out the whole wait (5 s) and
-            # the joins timed out before the last confirmations (seen under systemd).
-            if not self.stop.is_set():
-                self.agent.outbox_wake.wait(wait)
+            self.pause(wait)
             return
         self.publish(rows)
 
@@ -1415,18 +1415,15 @@ class Agent:
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
         self.warn_unwritable_repos()
 
-    def warn_unwritable_repos(self) -> list[str]:
+    def warn_unwritable_repos(self) -> None:
         """Say at start which whitelisted repositories the agent cannot write: git_pull there
         would fail. Under the unit (ProtectSystem=strict) that is a repository left out of
         ReadWritePaths=, which the agent's own user, outside the service, could write."""
-        unwritable = []
         for repo in self.config.git_repo_paths:
             if os.path.isdir(repo) and not os.access(repo, os.W_OK):
-                unwritable.append(repo)
                 log.warning("repository %s is not writable here (%s), so git_pull there will fail; under "
                             "systemd, add ReadWritePaths=%s (systemctl edit cockpit-agent)",
                             repo, "read-only file system" if _read_only_mount(repo) else "permissions", repo)
-        return unwritable
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The first SIGTERM/SIGINT asks for a graceful stop, the second for an immediate one.
