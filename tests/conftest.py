@@ -52,12 +52,17 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: 
 class RedisServer:
     """A private redis-server the test can stop, kill, restart, pause (SIGSTOP) and resume."""
 
-    def __init__(self, workdir: Path, password: str = PASSWORD, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, password: str = PASSWORD, extra: list[str] | None = None,
+                 unix_socket: bool = False):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.password = password
         self.port = free_port()
         self.extra = extra or []
+        # Also listening on a unix socket (REDIS_URL=unix://...), beside its TCP port.
+        self.socket = self.workdir / "redis.sock" if unix_socket else None
+        if self.socket:
+            self.extra += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         self.proc: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
@@ -111,6 +116,14 @@ def redis_server(tmp_path):
     yield server
     if server.proc and server.proc.poll() is None:
         server.resume()
+    server.kill()
+
+
+@pytest.fixture
+def unix_redis_server(tmp_path):
+    """A private redis-server on a unix socket (``.socket``) as well as on a TCP port."""
+    server = RedisServer(tmp_path / "unix-redis", unix_socket=True).start()
+    yield server
     server.kill()
 
 

@@ -417,29 +417,22 @@ def test_a_stop_just_before_the_flusher_clears_its_wake_up_ends_a_failed_iterati
     assert not flusher.is_alive(), "the flusher sat out its backoff after its stop"
 
 
-def test_a_unix_socket_redis_url_works(tmp_path, running_agent):
+def test_a_unix_socket_redis_url_works(unix_redis_server, running_agent):
     """.env.example offers REDIS_URL=unix://...; every connection failed with a TypeError
     (redis-py's unix socket connection takes no socket_keepalive), and check crashed."""
-    from conftest import RedisServer
-
-    sock = tmp_path / "redis.sock"
-    server = RedisServer(tmp_path / "unix-redis", extra=["--unixsocket", str(sock), "--unixsocketperm", "700"]).start()
-    try:
-        agent = running_agent(REDIS_URL=f"unix://{sock}")
-        client = server.client()  # the backend, over TCP to the same server
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(agent.config.response_channel)
-        wait_for(lambda: client.pubsub_numsub(agent.config.response_channel)[0][1] == 1, 10)
-        message = {"command_id": "over-unix", "command": "echo", "params": {"message": "hi"}}
-        assert client.publish(agent.config.command_channel, json.dumps(message)) == 1
-        deadline = time.monotonic() + 15
-        while True:
-            got = pubsub.get_message(timeout=1)
-            if got and json.loads(got["data"])["command_id"] == "over-unix":
-                break
-            assert time.monotonic() < deadline, "no answer over the unix socket"
-        assert json.loads(got["data"])["output"] == "hi"
-        pubsub.close()
-    finally:
-        server.kill()
+    agent = running_agent(REDIS_URL=f"unix://{unix_redis_server.socket}")
+    client = unix_redis_server.client()  # the backend, over TCP to the same server
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(agent.config.response_channel)
+    wait_for(lambda: client.pubsub_numsub(agent.config.response_channel)[0][1] == 1, 10)
+    message = {"command_id": "over-unix", "command": "echo", "params": {"message": "hi"}}
+    assert client.publish(agent.config.command_channel, json.dumps(message)) == 1
+    deadline = time.monotonic() + 15
+    while True:
+        got = pubsub.get_message(timeout=1)
+        if got and json.loads(got["data"])["command_id"] == "over-unix":
+            break
+        assert time.monotonic() < deadline, "no answer over the unix socket"
+    assert json.loads(got["data"])["output"] == "hi"
+    pubsub.close()
 

@@ -110,16 +110,9 @@ def test_check_says_when_the_unit_would_not_let_the_service_write_a_repository(a
     assert f"ok    repository {git_repos.clone}: git work tree" in listed.stdout, listed.stdout
 
 
-def test_check_over_a_unix_socket_names_the_socket(agent_env, tmp_path):
-    from conftest import RedisServer
-
-    sock = tmp_path / "redis.sock"
-    server = RedisServer(tmp_path / "unix-redis", extra=["--unixsocket", str(sock), "--unixsocketperm", "700"]).start()
-    try:
-        result = cli({**agent_env, "REDIS_URL": f"unix://{sock}"}, "check")
-        assert f"ok    redis: {sock} as default" in result.stdout, result.stdout + result.stderr
-    finally:
-        server.kill()
+def test_check_over_a_unix_socket_names_the_socket(agent_env, unix_redis_server):
+    result = cli({**agent_env, "REDIS_URL": f"unix://{unix_redis_server.socket}"}, "check")
+    assert f"ok    redis: {unix_redis_server.socket} as default" in result.stdout, result.stdout + result.stderr
 
 
 def test_check_with_a_bad_setting_names_it_and_exits_78(agent_env):
