@@ -1230,8 +1230,10 @@ class Flusher(Loop):
         if run_id is None:  # no way to confirm (INFO refused): a PUBLISH with receivers is final
             self.store.delivered(delivered)
         else:
-            if self.confirm_after > 0:  # confirmed on a later pass: out of ``due`` meanwhile
-                self.store.hold(delivered, now + self.hold_seconds)
+            # Held until confirmed, even for the instant of an immediate confirmation: a row
+            # still due reads as "not published yet", and a replay of its command arriving in
+            # that instant got no answer (Intake._duplicate waits for a due one).
+            self.store.hold(delivered, now + self.hold_seconds)
             published_at = time.monotonic()
             for outbox_id in delivered:
                 self.unconfirmed[outbox_id] = (run_id, published_at)

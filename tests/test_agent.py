@@ -436,3 +436,33 @@ def test_a_unix_socket_redis_url_works(unix_redis_server, running_agent):
     assert json.loads(got["data"])["output"] == "hi"
     pubsub.close()
 
+
+
+def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_agent, make_backend, fake_docker):
+    """The flusher publishes a worker's answer and confirms it at once (one round trip for the
+    run_id, then the DELETE). A replay of the command arriving in between found its row still
+    due, took it for an answer not yet published, and got none; the row was then deleted. (Seen
+    once as a flaky test_signed_messages.) The confirmation is held here until the replay's
+    answer has come."""
+    agent = running_agent()
+    flusher = agent.flusher
+    in_confirm, release = threading.Event(), threading.Event()
+    real_run_id = type(flusher)._run_id
+
+    def slow_run_id(client):
+        in_confirm.set()
+        release.wait(15)
+        return real_run_id(client)
+
+    flusher._run_id = slow_run_id
+    backend = make_backend(agent.config.agent_id)
+    try:
+        message = backend.message("docker_restart", command_id="replayed")
+        backend.publish(message)
+        assert backend.wait("replayed", 10)["status"] == "success"
+        assert in_confirm.wait(10), "the flusher never confirmed"
+        backend.publish(message)  # the replay, while the first answer is being confirmed
+        wait_for(lambda: len(backend.responses_for("replayed")) == 2, 10, message="the replay's answer")
+        assert len(fake_docker.calls()) == 1  # answered from the store, not run again
+    finally:
+        release.set()
