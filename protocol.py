@@ -85,6 +85,21 @@ def _usable_command_id(value: Any) -> str | None:
     return value
 
 
+def unix_seconds(value: Any) -> float | None:
+    """``value`` as unix seconds when it is a finite JSON number, else None.
+
+    JSON integers have no size limit: ``10**400`` is an int that no float, and so no time
+    arithmetic, can hold (OverflowError), so it is checked here, once, like any bad value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
     auth = message.get("auth")
     signature = auth.get("signature") if isinstance(auth, dict) else None
@@ -92,8 +107,8 @@ def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
         raise Rejected("not authenticated: the message carries no auth.signature and signing is on")
     if not signature.isascii():  # hmac.compare_digest refuses non-ASCII text
         raise Rejected("not authenticated: auth.signature is not a hex string")
-    timestamp = message.get("timestamp")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
+    timestamp = unix_seconds(message.get("timestamp"))
+    if timestamp is None:
         raise Rejected("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
     expected = sign(message, secret)
     if not hmac.compare_digest(expected, signature.lower()):
@@ -164,7 +179,7 @@ def parse(
         command=command,
         params=params,
         sender=sender if is_text(sender) else None,
-        timestamp=timestamp if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None,
+        timestamp=timestamp if unix_seconds(timestamp) is not None else None,
         size=size,
         signed=bool(secret),
     )

@@ -135,3 +135,15 @@ def test_response_has_the_six_contract_fields():
 def test_encode_survives_lone_surrogates():
     response = protocol.response("c1", "success", "\ud800", None, 0, "a")
     assert protocol.encode(response).encode("utf-8")
+
+
+@pytest.mark.parametrize("timestamp", [10**400, -(10**400), 10**4000], ids=["1e400", "-1e400", "1e4000"])
+def test_a_huge_integer_timestamp_is_refused_like_any_bad_timestamp(timestamp):
+    """A JSON int has no size limit; no float holds 10**400 (it raised OverflowError, uncaught)."""
+    message = signed({"command_id": "c1", "command": "echo", "params": {}, "timestamp": timestamp})
+    with pytest.raises(Rejected) as info:
+        parse(json.dumps(message), secret=SECRET)
+    assert "needs a numeric timestamp" in info.value.reason
+    assert info.value.stored is False
+    # Unsigned, the timestamp is only informative: kept out of the Command, never computed with.
+    assert parse(json.dumps({**message, "auth": None})).timestamp is None
