@@ -100,6 +100,23 @@ def unix_seconds(value: Any) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
+# A leading "command_id": "..." of a message too big to parse; bounded (a 128-character id
+# written as \uXXXX escapes, surrogate pairs included, is at most 1538 bytes with its quotes).
+_LEADING_COMMAND_ID = re.compile(rb'\s{0,64}\{\s{0,64}"command_id"\s{0,64}:\s{0,64}("(?:[^"\\]|\\.){1,1536}")')
+_HEAD_BYTES = 2048
+
+
+def _leading_command_id(raw: bytes) -> str | None:
+    """The command_id a message starts with, found without parsing the message, or None."""
+    match = _LEADING_COMMAND_ID.match(raw, 0, _HEAD_BYTES)
+    if match is None:
+        return None
+    try:
+        return _usable_command_id(json.loads(match.group(1).decode("utf-8")))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
     auth = message.get("auth")
     signature = auth.get("signature") if isinstance(auth, dict) else None
@@ -130,12 +147,20 @@ def parse(
 ) -> Command:
     """Check a raw message and return the Command, or raise Rejected saying why.
 
-    Order matters: a message is only answerable once its ``command_id`` is known, and only
-    trusted once its signature is checked, so the type checks on ``command`` and ``params``
-    come last.
+    Order matters: nothing over ``max_bytes`` is parsed at all; a message is only answerable
+    once its ``command_id`` is known, and only trusted once its signature is checked, so the
+    type checks on ``command`` and ``params`` come last.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     size = len(raw)
+    if size > max_bytes:
+        # Refused on its length alone: parsing a 5 MB list first cost more memory than the
+        # agent's whole working set. Without a signature to check, a command_id at its very
+        # start (where the backend's json.dumps puts it) still lets the refusal be answered.
+        raise Rejected(
+            f"message is {size} bytes, over the limit of {max_bytes} bytes (MAX_MESSAGE_BYTES)",
+            None if secret else _leading_command_id(raw),
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -159,11 +184,6 @@ def parse(
         except Rejected as exc:
             exc.command_id, exc.stored = command_id, False
             raise
-    if size > max_bytes:
-        raise Rejected(
-            f"message is {size} bytes, over the limit of {max_bytes} bytes (MAX_MESSAGE_BYTES)",
-            command_id,
-        )
     command = message.get("command")
     if not is_text(command) or not command:
         raise Rejected(f"command must be a non-empty string, got {preview(command)}", command_id)

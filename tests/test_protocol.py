@@ -147,3 +147,43 @@ def test_a_huge_integer_timestamp_is_refused_like_any_bad_timestamp(timestamp):
     assert info.value.stored is False
     # Unsigned, the timestamp is only informative: kept out of the Command, never computed with.
     assert parse(json.dumps({**message, "auth": None})).timestamp is None
+
+
+def test_an_oversized_message_is_refused_before_it_is_parsed():
+    """A 5 MB list parsed before the size check raised the agent's memory from 48 to 81 MB."""
+    import tracemalloc
+
+    data = json.dumps({"command_id": "big", "command": "echo", "params": {"message": [0] * 2_500_000}}).encode()
+    assert len(data) > 5_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(Rejected) as info:
+            parse(data, secret=SECRET)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000, f"parse allocated {peak} bytes for a message it refuses"
+    assert info.value.reason == f"message is {len(data)} bytes, over the limit of 1048576 bytes (MAX_MESSAGE_BYTES)"
+    # Signing on: its command_id is unverified (it was not even parsed), so it is not answered.
+    assert info.value.command_id is None
+
+
+@pytest.mark.parametrize(
+    "head, command_id",
+    [
+        (b'{"command_id": "big-1", "command": "echo"', "big-1"),
+        (b'  {\n "command_id":"caf\\u00e9", "params": {', "caf\u00e9"),
+        (b'{"command": "echo", "command_id": "second"', None),  # not leading: not looked for
+        (b'{"command_id": "a\\u0007b", "command": "echo"', None),  # the usual command_id check
+        (b'{"command_id": "' + b"x" * 200 + b'", "command": "echo"', None),
+        (b'{"command_id": "unterminated' + b"x" * 3000, None),
+        (b'{"command_id": 42, "command": "echo"', None),
+        (b'[1, 2, 3', None),
+    ],
+)
+def test_an_oversized_unsigned_message_is_answered_only_under_a_leading_command_id(head, command_id):
+    data = head + b" " * 3000 + b"}"
+    with pytest.raises(Rejected) as info:
+        parse(data, max_bytes=2048)
+    assert info.value.command_id == command_id
+    assert info.value.reason.startswith(f"message is {len(data)} bytes, over the limit of 2048 bytes")
