@@ -10,10 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 
 # syslog priorities for Python's levels (sd-daemon.h's SD_ERR, SD_WARNING, ...).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+# Characters that end a line for some reader of the log (journald and grep split on \n, Python's
+# splitlines also on \r \v \f \x1c-\x1e \x85 \u2028 \u2029), the other control characters
+# (a terminal escape rewrites what an operator sees) and the bidi overrides (text shown out of
+# order). Any of them in a message came from outside (a command_id, a sender, a command): a
+# message is one line, so each is written as its Python escape.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# The same, left raw by json.dumps(ensure_ascii=False): written as JSON \u escapes.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """``text`` on one line: each control or line-breaking character as its escape (``\\n``, ``\\u2028``)."""
+    return _UNSAFE.sub(lambda m: repr(m.group())[1:-1], text) if _UNSAFE.search(text) else text
 
 
 def under_journald(stream_fd: int = 2) -> bool:
@@ -47,6 +63,10 @@ class TextFormatter(logging.Formatter):
         super().__init__(fmt)
         self.journald = journald
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The line itself, escaped; a traceback appended after it keeps its own lines.
+        return escape(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if self.journald:
@@ -68,11 +88,11 @@ class JsonFormatter(logging.Formatter):
         if not self.journald:
             entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
                 f".{int(record.msecs):03d}Z"
-        entry.update(level=record.levelname, logger=record.name, message=record.getMessage(),
+        entry.update(level=record.levelname, logger=record.name, message=escape(record.getMessage()),
                      thread=record.threadName)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        text = json.dumps(entry, ensure_ascii=False, default=str)
+        text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(entry, ensure_ascii=False, default=str))
         return f"<{priority(record.levelno)}>{text}" if self.journald else text
 
 

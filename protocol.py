@@ -74,13 +74,11 @@ def is_text(value: Any) -> bool:
     return True
 
 
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _usable_command_id(value: Any) -> str | None:
-    if not is_text(value) or not 1 <= len(value) <= COMMAND_ID_MAX:
-        return None
-    if _CONTROL_CHARACTER.search(value):
+    # Printable as Python means it: no control characters, and none of the Unicode line and
+    # paragraph separators (U+0085, U+2028, ...) or format characters, so an id can name a key
+    # and sit in a log line or a terminal without breaking it.
+    if not is_text(value) or not 1 <= len(value) <= COMMAND_ID_MAX or not value.isprintable():
         return None
     return value
 

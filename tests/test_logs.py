@@ -110,3 +110,27 @@ def test_log_format_is_validated(config_from, agent_env):
     with pytest.raises(ConfigError, match="LOG_FORMAT: expected text or json"):
         config_from({**agent_env, "LOG_FORMAT": "xml"})
     assert config_from({**agent_env, "LOG_FORMAT": "JSON"}).log_format == "json"
+
+
+@pytest.mark.parametrize("journald", [False, True])
+@pytest.mark.parametrize("make", [logs.TextFormatter, logs.JsonFormatter], ids=["text", "json"])
+def test_a_message_is_one_line_whatever_it_holds_and_a_traceback_keeps_its_lines(make, journald):
+    hostile = "id-1\nFORGED\r\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e\x1b[2K\x00\x7f\u202e"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = _record(logging.ERROR, "%s: accepted from %s", (hostile, hostile), sys.exc_info())
+    text = make(journald=journald).format(record)
+    first, *rest = text.splitlines()  # splitlines breaks on every Unicode line boundary
+    assert "FORGED" in first and not any("FORGED" in line for line in rest)
+    if make is logs.JsonFormatter:
+        assert rest == []
+        entry = json.loads(first[3:] if journald else first)
+        assert "ValueError: boom" in entry["exc"] and "\n" in entry["exc"]
+        message = entry["message"]
+    else:
+        assert len(rest) >= 3 and rest[-1].endswith("ValueError: boom")  # the traceback, line by line
+        message = first.split(": ", 1)[1]
+    assert message == ("id-1\\nFORGED\\r\\u2028\\u2029\\x85\\x0b\\x0c\\x1c\\x1d\\x1e\\x1b[2K\\x00\\x7f\\u202e: "
+                       "accepted from id-1\\nFORGED\\r\\u2028\\u2029\\x85\\x0b\\x0c\\x1c\\x1d\\x1e\\x1b[2K\\x00\\x7f\\u202e")
+    assert logs.escape("café ok\t") == "café ok\\t" and logs.escape("plain") == "plain"

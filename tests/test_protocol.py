@@ -50,6 +50,12 @@ def test_parse_defaults_params_and_keeps_fields():
         (b'{"command_id": "a\\u0000b", "command": "echo"}', "printable"),
         (b'{"command_id": "\\u001f", "command": "echo"}', "printable"),
         (b'{"command_id": "a\\u007f", "command": "echo"}', "printable"),
+        # Unicode line and paragraph separators, and format characters: they break a log line too.
+        (b'{"command_id": "a\\u2028b", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u2029b", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u0085b", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u009bb", "command": "echo"}', "printable"),
+        (b'{"command_id": "a\\u202eb", "command": "echo"}', "printable"),
     ],
 )
 def test_unanswerable_messages_have_no_command_id(data, reason):
@@ -174,7 +180,7 @@ def test_an_oversized_message_is_refused_before_it_is_parsed():
         (b'{"command_id": "big-1", "command": "echo"', "big-1"),
         (b'  {\n "command_id":"caf\\u00e9", "params": {', "caf\u00e9"),
         (b'{"command": "echo", "command_id": "second"', None),  # not leading: not looked for
-        (b'{"command_id": "a\\u0007b", "command": "echo"', None),  # the usual command_id check
+        (b'{"command_id": "a\\u2028b", "command": "echo"', None),  # the usual command_id check
         (b'{"command_id": "' + b"x" * 200 + b'", "command": "echo"', None),
         (b'{"command_id": "unterminated' + b"x" * 3000, None),
         (b'{"command_id": 42, "command": "echo"', None),
