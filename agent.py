@@ -53,8 +53,9 @@ EX_SOFTWARE = 70  # sysexits.h; a thread died: systemd restarts the agent (Resta
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # Publishes a response and stores it at its result key in one step. The "delivered" marker
-# makes a retry after a lost reply (Redis answered, the connection died before we read it) a
-# no-op instead of a second copy. Returns the number of receivers, or -1 if already delivered.
+# (``delivered_key``) makes a retry after a lost reply (Redis answered, the connection died
+# before we read it) a no-op instead of a second copy. Returns the number of receivers, or -1
+# if already delivered.
 PUBLISH_ONCE = """
 if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local receivers = redis.call('PUBLISH', ARGV[1], ARGV[2])
@@ -77,9 +78,21 @@ PUBLISH_ONCE_SHA = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
 RUN_ID_SHA = hashlib.sha1(RUN_ID.encode()).hexdigest()
 
 
+RESULT_PREFIX = "cockpit-agent-result:"
+DELIVERED_PREFIX = "cockpit-agent-delivered:"
+
+
+def delivered_key(result_key: str) -> str:
+    """The delivered marker of the response stored at ``result_key``:
+    ``cockpit-agent-delivered:{agent_id}:{command_id}``. Under a prefix of its own, because as
+    ``{result_key}:delivered`` the marker of command X was the result key of command
+    ``X:delivered``, and publishing that one silenced X's answer."""
+    return DELIVERED_PREFIX + (result_key[len(RESULT_PREFIX):] if result_key.startswith(RESULT_PREFIX) else result_key)
+
+
 def publish_once_args(message: Message, ttl: int) -> list[Any]:
     """The EVALSHA arguments of PUBLISH_ONCE for ``message``."""
-    keys = [message.result_key, message.result_key + ":delivered"] if message.result_key else []
+    keys = [message.result_key, delivered_key(message.result_key)] if message.result_key else []
     return [PUBLISH_ONCE_SHA, len(keys), *keys, message.channel, message.payload, ttl]
 
 

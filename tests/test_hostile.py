@@ -91,3 +91,24 @@ def test_wire_text_cannot_forge_a_log_line(log_format, journald, agent_env, redi
             # the forged text sits inside the agent's own line, after its prefix, never at a line start
             assert line.index("FORGED-") > prefix.match(line).end() + 1, line
     assert sum("FORGED-" in line for line in lines) >= 3 * len(BREAKS)
+
+
+# -- keys: no command_id stands for another key -----------------------------------------------
+
+
+def test_a_command_id_cannot_alias_another_commands_delivered_marker(running_agent, make_backend, redis_server):
+    """The marker of X was ``{result key of X}:delivered``: the result key of the command
+    ``X:delivered``, so answering that one first silenced X (no answer, no result key)."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    client = redis_server.client()
+    real = f"real-{uuid.uuid4().hex[:8]}"
+    assert backend.call("echo", {"message": "squatter"}, command_id=f"{real}:delivered")["output"] == "squatter"
+    assert backend.call("echo", {"message": "the real one"}, command_id=real, timeout=10)["output"] == "the real one"
+    assert json.loads(client.get(agent.config.result_key(real)))["output"] == "the real one"
+    assert json.loads(client.get(agent.config.result_key(f"{real}:delivered")))["output"] == "squatter"
+    # Each command has one result key and one marker, and no key of one is a key of the other.
+    keys = {k.decode() for k in client.keys(f"*{real}*")}
+    agent_id = agent.config.agent_id
+    assert keys == {f"cockpit-agent-result:{agent_id}:{real}", f"cockpit-agent-result:{agent_id}:{real}:delivered",
+                    f"cockpit-agent-delivered:{agent_id}:{real}", f"cockpit-agent-delivered:{agent_id}:{real}:delivered"}
