@@ -527,26 +527,30 @@ class Intake:
         self.log.debug("%s: %s from %s %s on arrival", cmd.command_id, cmd.command, cmd.sender or "?", result.status)
 
     def _rejected(self, rejected: protocol.Rejected, data: bytes) -> None:
-        # Costs the sender nothing, so a flood of these is rate-limited in the log (audit.py).
-        loud = self.agent.audit.rejected(rejected.reason, rejected.command_id, len(data))
+        # Costs the sender nothing, so a flood of these is rate-limited in the log (audit.py),
+        # and counted there for the metrics.
+        loud = self.agent.audit.rejected(rejected.reason, rejected.command_id, len(data), kind=rejected.kind)
         if rejected.command_id is None:
             if loud:
                 self.log.warning("dropped a message of %d bytes that cannot be answered: %s", len(data), rejected.reason)
             return
+        if not rejected.stored:
+            # Unauthenticated: its command_id is unverified, and an answer under it would let
+            # anyone add an answer to a real command. Not answered, nothing written.
+            if loud:
+                self.log.warning("%s: dropped, not answered: %s", rejected.command_id, rejected.reason)
+            return
         if loud:
             self.log.warning("%s: refused: %s", rejected.command_id, rejected.reason)
-        if rejected.stored:
-            existing = self.store.get(rejected.command_id)
-            if existing is not None:
-                self._duplicate(existing)
-                return
-            response, message = self.agent.error_answer(rejected.command_id, rejected.reason)
-            accepted = self.store.accept(rejected.command_id, "(malformed)", {}, None, (response, message),
-                                         hold_until=self._hold())
-            if accepted.new:
-                self._answers.append((accepted.outbox_id, message))
-        else:
-            self._answer(rejected.command_id, rejected.reason, stored=False)
+        existing = self.store.get(rejected.command_id)
+        if existing is not None:
+            self._duplicate(existing)
+            return
+        response, message = self.agent.error_answer(rejected.command_id, rejected.reason)
+        accepted = self.store.accept(rejected.command_id, "(malformed)", {}, None, (response, message),
+                                     hold_until=self._hold())
+        if accepted.new:
+            self._answers.append((accepted.outbox_id, message))
 
     def _answer(self, command_id: str, error: str, stored: bool) -> None:
         """Queue an error answer that is not recorded under the command_id."""

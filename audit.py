@@ -66,12 +66,17 @@ class TokenBucket:
 
 
 class Audit:
-    """Writes the audit lines; ``rejected`` lines are rate-limited, command lines are not."""
+    """Writes the audit lines; ``rejected`` lines are rate-limited, command lines are not.
+
+    ``rejections`` counts every rejected message by kind (``malformed``, ``oversize``,
+    ``unauthenticated``), logged or not; the metrics endpoint reads it.
+    """
 
     def __init__(self, rate: float = 5.0, burst: int = 50, clock=time.monotonic):
         self.bucket = TokenBucket(rate, burst, clock)
         self._lock = threading.Lock()
         self.suppressed = 0
+        self.rejections: dict[str, int] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
         line = {"event": event, **fields}
@@ -85,18 +90,24 @@ class Audit:
             status=status, duration_ms=int(duration_ms), error=redact(error),
         )
 
-    def rejected(self, reason: str, command_id: str | None, size: int, sender: Any = None) -> bool:
-        """A message refused before it became a command (malformed, unauthenticated); rate-limited.
+    def rejected(self, reason: str, command_id: str | None, size: int, sender: Any = None,
+                 kind: str | None = None) -> bool:
+        """A message refused before it became a command (malformed, oversize, unauthenticated);
+        counted by ``kind`` (from ``reason`` if not given), and its line rate-limited.
 
         Returns False when the line was suppressed, so the caller can stay quiet too.
         """
+        if kind is None:
+            kind = "unauthenticated" if reason.startswith("not authenticated") else "malformed"
+        with self._lock:
+            self.rejections[kind] = self.rejections.get(kind, 0) + 1
         if not self.bucket.take():
             with self._lock:
                 self.suppressed += 1
             return False
         with self._lock:
             suppressed, self.suppressed = self.suppressed, 0
-        event = "unauthenticated" if reason.startswith("not authenticated") else "rejected"
+        event = "unauthenticated" if kind == "unauthenticated" else "rejected"
         fields: dict[str, Any] = {"command_id": command_id, "sender": redact(sender if isinstance(sender, str) else None),
                                   "reason": redact(reason), "size": size}
         if suppressed:

@@ -1,8 +1,8 @@
 """The Prometheus endpoint (``METRICS_PORT``; off by default).
 
 Counters and the duration histogram are updated by the workers as commands finish; the
-gauges (outbox and queue depth, Redis connected, heartbeat age) are read at scrape time, so
-they are never stale. Each Agent has its own CollectorRegistry, so several agents in one
+gauges (outbox and queue depth, Redis connected, heartbeat age) and the count of rejected
+messages are read at scrape time, so they are never stale. Each Agent has its own CollectorRegistry, so several agents in one
 process (the tests) do not share numbers.
 """
 
@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from config import VERSION
 from notify import connect_read_only
@@ -63,6 +63,14 @@ class _Gauges:
             "Seconds since the last successful heartbeat (NaN before the first).",
             value=math.nan if last is None else max(0.0, time.time() - last),
         )
+        # Counted by the audit (which sees every one, logged or not): nothing on the hot path.
+        rejected = CounterMetricFamily(
+            "cockpit_agent_rejected_messages",
+            "Messages refused before they became a command (never run), by reason: malformed, oversize, "
+            "unauthenticated (never answered).", labels=["reason"])
+        for kind in ("malformed", "oversize", "unauthenticated"):
+            rejected.add_metric([kind], agent.audit.rejections.get(kind, 0))
+        yield rejected
 
 
 class Metrics:

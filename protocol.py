@@ -36,14 +36,16 @@ class Rejected(Exception):
 
     ``command_id`` is set when the message can still be answered; ``stored`` says whether the
     refusal may be recorded under that id (never for unauthenticated messages, which must not
-    be able to claim a real command's id).
+    be able to claim a real command's id, nor be answered). ``kind`` is what metrics and the
+    audit count it as: ``malformed``, ``oversize`` or ``unauthenticated``.
     """
 
-    def __init__(self, reason: str, command_id: str | None = None, stored: bool = True):
+    def __init__(self, reason: str, command_id: str | None = None, stored: bool = True, kind: str = "malformed"):
         super().__init__(reason)
         self.reason = reason
         self.command_id = command_id
         self.stored = stored
+        self.kind = kind
 
 
 def preview(value: Any, limit: int = 80) -> str:
@@ -115,22 +117,26 @@ def _leading_command_id(raw: bytes) -> str | None:
         return None
 
 
+def _unauthenticated(reason: str) -> Rejected:
+    return Rejected(reason, stored=False, kind="unauthenticated")
+
+
 def _check_signature(message: dict[str, Any], secret: str, now: float) -> None:
     auth = message.get("auth")
     signature = auth.get("signature") if isinstance(auth, dict) else None
     if not isinstance(signature, str) or not signature:
-        raise Rejected("not authenticated: the message carries no auth.signature and signing is on")
+        raise _unauthenticated("not authenticated: the message carries no auth.signature and signing is on")
     if not signature.isascii():  # hmac.compare_digest refuses non-ASCII text
-        raise Rejected("not authenticated: auth.signature is not a hex string")
+        raise _unauthenticated("not authenticated: auth.signature is not a hex string")
     timestamp = unix_seconds(message.get("timestamp"))
     if timestamp is None:
-        raise Rejected("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
+        raise _unauthenticated("not authenticated: a signed message needs a numeric timestamp (unix seconds)")
     expected = sign(message, secret)
     if not hmac.compare_digest(expected, signature.lower()):
-        raise Rejected("not authenticated: auth.signature does not match the message")
+        raise _unauthenticated("not authenticated: auth.signature does not match the message")
     age = now - timestamp
     if abs(age) > SIGNATURE_MAX_AGE:
-        raise Rejected(
+        raise _unauthenticated(
             f"not authenticated: the message timestamp is {abs(age):.0f} s "
             f"{'old' if age > 0 else 'in the future'}; at most {SIGNATURE_MAX_AGE} s is accepted"
         )
@@ -157,7 +163,7 @@ def parse(
         # start (where the backend's json.dumps puts it) still lets the refusal be answered.
         raise Rejected(
             f"message is {size} bytes, over the limit of {max_bytes} bytes (MAX_MESSAGE_BYTES)",
-            None if secret else _leading_command_id(raw),
+            None if secret else _leading_command_id(raw), kind="oversize",
         )
     try:
         text = raw.decode("utf-8")

@@ -78,9 +78,8 @@ def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_proc
     echo = backend.call("echo", {"message": "hi\nforged line", "password": "hunter2-xyz", "api_token": "tok-123"})
     restart = backend.call("docker_restart", {"container_name": "web-1"})
     refused = backend.call("git_pull", {"branch": "--upload-pack=touch /tmp/pwned"})
-    unsigned = make_backend(env["AGENT_ID"]).call("echo")
-    assert (echo["status"], restart["status"], refused["status"], unsigned["status"]) == \
-        ("success", "success", "error", "error")
+    unsigned = {"command_id": make_backend(env["AGENT_ID"]).send("echo")}  # never answered: unauthenticated
+    assert (echo["status"], restart["status"], refused["status"]) == ("success", "success", "error")
 
     # A flood of junk: the agent keeps up, and the log does not grow with it.
     client = redis_server.client()
@@ -137,3 +136,14 @@ def test_commands_answered_at_start_up_are_audited_too(tmp_path, caplog):
     assert lines["crashed-1"]["params"] == {"container_name": "grafana", "token": "***"}
     assert lines["queued-1"]["status"] == "error" and "not whitelisted" in lines["queued-1"]["error"]
     assert "tok-456" not in caplog.text
+
+
+def test_every_rejected_message_is_counted_by_kind_even_when_its_line_is_suppressed(caplog):
+    caplog.set_level(logging.INFO, logger="cockpit_agent.audit")
+    audit = Audit(rate=0, burst=2, clock=Clock())
+    for _ in range(5):
+        audit.rejected("not authenticated: auth.signature does not match the message", "c-1", 80)
+    audit.rejected("message is 9 bytes, over the limit of 1 bytes (MAX_MESSAGE_BYTES)", None, 9, kind="oversize")
+    audit.rejected("message is not JSON (x)", None, 3)
+    assert audit.rejections == {"unauthenticated": 5, "oversize": 1, "malformed": 1}
+    assert len(caplog.records) == 2  # the bucket let two lines through

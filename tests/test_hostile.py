@@ -7,13 +7,37 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 
 import pytest
 
-from conftest import ROOT, wait_for
+import protocol
+from conftest import ROOT, SECRET, free_port, wait_for
+
+
+def table_counts(db: str) -> tuple[int, int]:
+    """(rows in commands, rows in outbox), as the sqlite3 shell would count them."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        return (conn.execute("SELECT count(*) FROM commands").fetchone()[0],
+                conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def scrape(port: int, name: str) -> dict[str, float]:
+    """The samples of one metric on /metrics, by their ``reason`` label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {s.labels.get("reason", ""): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name}
 
 # -- log forgery ------------------------------------------------------------------------------
 
@@ -112,3 +136,76 @@ def test_a_command_id_cannot_alias_another_commands_delivered_marker(running_age
     agent_id = agent.config.agent_id
     assert keys == {f"cockpit-agent-result:{agent_id}:{real}", f"cockpit-agent-result:{agent_id}:{real}:delivered",
                     f"cockpit-agent-delivered:{agent_id}:{real}", f"cockpit-agent-delivered:{agent_id}:{real}:delivered"}
+
+
+# -- unauthenticated messages are never answered ----------------------------------------------
+
+
+def unauthenticated_variants(backend, command_id: str) -> list[dict]:
+    """The same command_id unsigned, wrongly signed, signed but stale, and with a 10**400 timestamp."""
+    unsigned = {"command_id": command_id, "command": "echo", "params": {"message": "forged answer"}}
+    wrong = {**unsigned, "timestamp": int(time.time()), "auth": {"signature": protocol.sign(unsigned, "not-the-secret")}}
+    stale = backend.message("echo", {"message": "stale"}, command_id=command_id, timestamp=int(time.time()) - 600)
+    stale["auth"] = {"signature": protocol.sign({k: v for k, v in stale.items() if k != "auth"}, SECRET)}
+    huge = {**unsigned, "timestamp": 10**400}
+    huge["auth"] = {"signature": protocol.sign(huge, SECRET)}
+    return [unsigned, wrong, stale, huge]
+
+
+def test_unauthenticated_messages_are_never_answered_nor_written(running_agent, make_backend, redis_server,
+                                                                 fake_docker):
+    port = free_port()
+    agent = running_agent(COCKPIT_SHARED_SECRET=SECRET, METRICS_PORT=port)
+    agent_id = agent.config.agent_id
+    client = redis_server.client()
+
+    # A flood while the backend is away (no one subscribed to the responses): before, each got a
+    # signed error answer, and each answer waited in the outbox for a receiver.
+    flood = 2000
+    pipe = client.pipeline(transaction=False)
+    for i in range(flood):
+        pipe.publish(f"cockpit-agent:{agent_id}", json.dumps({"command_id": f"flood-{i}", "command": "echo"}))
+    pipe.execute()
+    wait_for(lambda: agent.audit.rejections.get("unauthenticated", 0) == flood, 30, message="the flood to be read")
+    assert table_counts(agent.config.outbox_db) == (0, 0)
+
+    # While a real signed command runs, a publisher without the secret tries to answer it.
+    fake_docker.behave("sleep 2")
+    backend = make_backend(agent_id, secret=SECRET)
+    real = backend.send("docker_restart", {"container_name": "grafana"})
+    wait_for(lambda: fake_docker.calls(), 10, message="the real restart to start")
+    for message in unauthenticated_variants(backend, real):
+        backend.publish(message)
+    wait_for(lambda: agent.audit.rejections.get("unauthenticated", 0) == flood + 4, 10, message="the forgeries read")
+    assert backend.responses_for(real) == [], "a forged message got an answer under the running command's id"
+    answer = backend.wait(real, 20)
+    assert answer["status"] == "success" and answer["output"] == "grafana"
+    assert backend.call("echo", {"message": "after"})["output"] == "after"
+    assert len(backend.responses_for(real)) == 1
+    assert {r["command_id"] for r in backend.responses} == {real, backend.responses[-1]["command_id"]}
+    assert json.loads(client.get(agent.config.result_key(real)))["status"] == "success"
+    assert table_counts(agent.config.outbox_db)[0] == 2  # the two real commands, nothing else
+    assert scrape(port, "cockpit_agent_rejected_messages_total") == {
+        "malformed": 0, "oversize": 0, "unauthenticated": flood + 4}
+
+
+def test_unauthenticated_stream_entries_are_acknowledged_not_answered(agent_env, agent_process, redis_server,
+                                                                      make_backend):
+    env = {**agent_env, "COMMAND_STREAM": "on", "COCKPIT_SHARED_SECRET": SECRET}
+    agent_id = env["AGENT_ID"]
+    backend = make_backend(agent_id, secret=SECRET)
+    client = redis_server.client()
+    stream = f"cockpit-agent-stream:{agent_id}"
+    forged = unauthenticated_variants(backend, "stream-forged")
+    for message in forged:
+        client.xadd(stream, {"message": json.dumps(message)})
+    good = backend.message("echo", {"message": "signed, by the stream"})
+    client.xadd(stream, {"message": json.dumps(good)})
+    agent = agent_process(env).start()
+    assert backend.wait(good["command_id"], 30)["output"] == "signed, by the stream"
+    wait_for(lambda: client.xpending(stream, "cockpit-agent")["pending"] == 0, 15, message="every entry acknowledged")
+    assert backend.responses_for("stream-forged") == []
+    assert agent.terminate() == 0
+    assert table_counts(env["OUTBOX_DB"]) == (1, 0)
+    assert len([line for line in agent.log().splitlines() if "stream-forged: dropped, not answered" in line]) == 4
+    assert SECRET not in agent.log()

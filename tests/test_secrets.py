@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import PASSWORD, ROOT, SECRET
+from conftest import PASSWORD, ROOT, SECRET, wait_for
 from errors import ConfigError
 
 BASE = {"AGENT_ID": "secrets-test", "GIT_REPO_PATH": "/tmp"}
@@ -100,8 +100,10 @@ def test_agent_runs_with_secrets_only_in_credentials(tmp_path, agent_env, agent_
     agent.wait_subscribed(redis_server)
     backend = make_backend(env["AGENT_ID"], secret=SECRET)
     assert backend.call("echo", {"message": "from credentials"})["output"] == "from credentials"
-    unsigned = make_backend(env["AGENT_ID"]).call("echo", {"message": "unsigned"})
-    assert unsigned["status"] == "error" and "not authenticated" in unsigned["error"]
+    # Unsigned: refused, and never answered (PROTOCOL.md), but logged.
+    unsigned = make_backend(env["AGENT_ID"]).send("echo", {"message": "unsigned"})
+    wait_for(lambda: f"{unsigned}: dropped, not answered: not authenticated" in agent.log(), 10,
+             message="the unsigned message logged")
     assert agent.terminate() == 0
     assert PASSWORD not in agent.log() and SECRET not in agent.log()
     assert "signing=on" in agent.log()

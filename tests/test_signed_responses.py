@@ -25,11 +25,10 @@ def test_responses_are_signed_and_verify(running_agent, make_backend, redis_serv
     backend = make_backend(agent.config.agent_id, secret=SECRET)
     ok = backend.call("echo", {"message": "signed hello"})
     refused = backend.call("docker_restart", {"container_name": "not-listed"})
-    unauthenticated = make_backend(agent.config.agent_id).call("echo")
-    assert ok["status"] == "success" and refused["status"] == "error" and unauthenticated["status"] == "error"
+    assert ok["status"] == "success" and refused["status"] == "error"
 
     raws = {json.loads(raw)["command_id"]: raw for raw in backend.raw}
-    for response in (ok, refused, unauthenticated):
+    for response in (ok, refused):
         raw = raws[response["command_id"]]
         assert set(response) >= {"command_id", "status", "output", "error", "execution_time_ms", "timestamp"}
         assert len(response["auth"]["signature"]) == 64
