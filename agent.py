@@ -476,7 +476,7 @@ class Intake:
             if existing is not None:
                 self._duplicate(existing)
                 return
-            if self._busy(cmd.command_id):
+            if self._busy(cmd):
                 return
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
@@ -486,9 +486,12 @@ class Intake:
         if not accepted.new:
             self._duplicate(accepted.row)
 
-    def _busy(self, command_id: str) -> bool:
-        """Refuse a command that needs a worker when QUEUE_MAX already wait (answered, not kept).
+    def _busy(self, cmd: protocol.Command) -> bool:
+        """Refuse a command that needs a worker when QUEUE_MAX already wait.
 
+        The refusal is recorded like a validation refusal (done, with its answer): the backend
+        never sends an id again (it makes a new one), so a replay of a captured signed command
+        within the signature window is then a known id, answered "busy" again, never run.
         Only pub/sub: the stream reader bounds itself (it reads only while there is room), and
         a command that runs nothing (echo) never waits for a worker, so it is never busy.
         """
@@ -497,9 +500,18 @@ class Intake:
         waiting = self.agent.pool.pending() + len(self._jobs)
         if waiting < self.config.queue_max:
             return False
-        self.log.warning("%s: refused, %d commands already waiting", command_id, waiting)
-        self._answer(command_id, f"busy: {waiting} commands are already waiting "
-                     f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
+        error = (f"busy: {waiting} commands are already waiting (QUEUE_MAX={self.config.queue_max}); "
+                 "send it again later")
+        response, message = self.agent.error_answer(cmd.command_id, error)
+        accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
+                                     hold_until=self._hold())
+        if not accepted.new:
+            self._duplicate(accepted.row)
+            return True
+        self.log.warning("%s: refused, %d commands already waiting", cmd.command_id, waiting)
+        self._answers.append((accepted.outbox_id, message))
+        self._after_commit.append((self.agent.audit.command, (
+            cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, error)))
         return True
 
     def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
@@ -551,11 +563,6 @@ class Intake:
                                      hold_until=self._hold())
         if accepted.new:
             self._answers.append((accepted.outbox_id, message))
-
-    def _answer(self, command_id: str, error: str, stored: bool) -> None:
-        """Queue an error answer that is not recorded under the command_id."""
-        _, message = self.agent.error_answer(command_id, error, result_key=stored)
-        self._answers.append((self.store.enqueue(message, self._hold()), message))
 
     def _duplicate(self, row: dict[str, Any]) -> None:
         command_id = row["command_id"]

@@ -46,7 +46,10 @@ def test_queue_full_answers_busy_at_once_and_runs_the_rest(running_agent, make_b
     assert not backend.responses_for(blocker), "the busy answer should not wait for the queue"
     assert busy["status"] == "error"
     assert busy["error"].startswith("busy:") and "QUEUE_MAX=2" in busy["error"]
-    assert refused not in rows(agent.config.outbox_db), "a refused command must not be kept"
+    # Recorded like any refusal, so the id is known from now on (see the replay below).
+    row = wait_for(lambda: rows(agent.config.outbox_db).get(refused), 5, message="the refusal recorded")
+    assert (row["state"], row["status"], row["command"]) == ("done", "error", "git_status")
+    assert json.loads(row["response"])["error"] == busy["error"] and row["started_at"] is None
     # echo needs no worker: the health check is answered even with the queue full
     assert backend.call("echo", {"message": "alive"}, timeout=3)["output"] == "alive"
     # a command with bad parameters gets its real error, not "busy"
@@ -55,10 +58,13 @@ def test_queue_full_answers_busy_at_once_and_runs_the_rest(running_agent, make_b
 
     assert backend.wait(blocker, 20)["status"] == "success"
     assert [backend.wait(cid, 20)["status"] for cid in queued] == ["success", "success"]
-    # The refused id was never recorded, so the backend may simply send it again later.
+    # The backend never sends an id again (it makes a new one), so the same id again is a
+    # replay (a captured signed command, after the backend gave up on it): answered with the
+    # stored busy answer, never run, now that there is room.
     backend.send("git_status", command_id=refused)
-    again = wait_for(lambda: backend.responses_for(refused)[1:], 15, message="the resent command's answer")[0]
-    assert again["status"] == "success" and "On branch main" in again["output"]
+    again = wait_for(lambda: backend.responses_for(refused)[1:], 15, message="the replay's answer")[0]
+    assert again == busy
+    assert rows(agent.config.outbox_db)[refused]["started_at"] is None
 
 
 def test_output_is_capped_head_and_tail_with_the_full_output_kept(running_agent, make_backend):

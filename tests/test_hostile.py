@@ -209,3 +209,29 @@ def test_unauthenticated_stream_entries_are_acknowledged_not_answered(agent_env,
     assert table_counts(env["OUTBOX_DB"]) == (1, 0)
     assert len([line for line in agent.log().splitlines() if "stream-forged: dropped, not answered" in line]) == 4
     assert SECRET not in agent.log()
+
+
+# -- a busy refusal is recorded, so its replay never runs -------------------------------------
+
+
+def test_a_replayed_busy_command_is_answered_busy_again_and_never_runs(running_agent, make_backend, fake_docker):
+    fake_docker.behave("sleep 2")
+    agent = running_agent(COCKPIT_SHARED_SECRET=SECRET, QUEUE_MAX=1, WORKER_COUNT=1)
+    backend = make_backend(agent.config.agent_id, secret=SECRET)
+    blocker = backend.send("docker_restart", {"container_name": "grafana"})
+    wait_for(lambda: fake_docker.calls(), 10, message="the blocking restart to start")
+    queued = backend.send("docker_restart", {"container_name": "grafana"})
+    wait_for(lambda: agent.pool.pending() == 1, 10, message="one command queued")
+    captured = backend.message("docker_restart", {"container_name": "web-1"})  # signed, fresh
+    backend.publish(captured)
+    busy = backend.wait(captured["command_id"], 5)
+    assert busy["status"] == "error" and busy["error"].startswith("busy:")
+    for command_id in (blocker, queued):
+        assert backend.wait(command_id, 20)["status"] == "success"
+
+    # The backend gave up on it; anyone who captured it replays it within the 300 s window.
+    backend.publish(captured)
+    replay = wait_for(lambda: backend.responses_for(captured["command_id"])[1:], 10, message="the replay's answer")
+    assert replay == [busy]
+    assert backend.call("echo", {"message": "after"})["output"] == "after"
+    assert fake_docker.calls() == [["restart", "--", "grafana"]] * 2, "the replayed command ran"
