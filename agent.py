@@ -37,7 +37,7 @@ from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._pars
 
 import logs
 import protocol
-from audit import Audit
+from audit import Audit, Throttle
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
@@ -345,6 +345,10 @@ class Intake:
         self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # audit, metrics
         self._on_arrival = True  # this transaction's answers are published by this thread
+        # Problems that come once per message, so one log line a minute each, with a count: a
+        # full disk refuses every message, and a bug hit by a message is hit by all its copies.
+        self._unwritable = Throttle(60.0)
+        self._failed = Throttle(60.0)
 
     def handle_many(self, batch: list[bytes]) -> None:
         """Accept messages that arrived together in one transaction (one commit, not one each).
@@ -373,13 +377,18 @@ class Intake:
             self._accept([data])
         except sqlite3.Error as exc:
             if self.via == "stream":
-                self.log.error("cannot write %s (%s): the stream entry stays pending and is read again",
-                               self.config.outbox_db, exc)
+                suppressed = self._unwritable.take()
+                if suppressed is not None:
+                    self.log.error("cannot write %s (%s): the stream entry stays pending and is read again%s",
+                                   self.config.outbox_db, exc, _more(suppressed, "stream entries left pending"))
                 return False
             self._store_failed(data, exc)
             return True
         except Exception:
-            self.log.exception("could not handle a message of %d bytes", len(data))
+            suppressed = self._failed.take()
+            if suppressed is not None:
+                self.log.exception("could not handle a message of %d bytes%s", len(data),
+                                   _more(suppressed, "messages failed since the last line"))
             return True
         self._committed()
         return True
@@ -404,6 +413,9 @@ class Intake:
         its answers, then audit and count (after the answers: the backend is waiting for them)."""
         jobs, answers, after = self._jobs, self._answers, self._after_commit
         self._jobs, self._answers, self._after_commit = [], [], []
+        if self._unwritable.count:
+            self.log.warning("%s can be written again; %d messages were refused or left pending meanwhile",
+                             self.config.outbox_db, self._unwritable.over())
         for job in jobs:
             self.agent.pool.submit(job)
         if answers and self._on_arrival:
@@ -595,8 +607,14 @@ class Intake:
         self._answers.append((self.store.enqueue(message, self._hold()), message))
 
     def _store_failed(self, data: bytes, exc: sqlite3.Error) -> None:
-        """The database cannot be written: refuse loudly and directly, keep nothing we cannot keep."""
-        self.log.error("cannot write %s (%s): refusing commands until it is writable", self.config.outbox_db, exc)
+        """The database cannot be written: refuse loudly and directly, keep nothing we cannot keep.
+
+        Loudly, but one line a minute: every message is refused, and each refusal is its answer.
+        """
+        suppressed = self._unwritable.take()
+        if suppressed is not None:
+            self.log.error("cannot write %s (%s): refusing commands until it is writable%s", self.config.outbox_db,
+                           exc, _more(suppressed, "refused since the last line"))
         try:
             cmd = protocol.parse(data, max_bytes=self.config.max_message_bytes, secret=self.config.shared_secret)
         except protocol.Rejected:
@@ -610,6 +628,11 @@ class Intake:
             self.client.publish(message.channel, message.payload)
         except REDIS_DOWN:
             pass
+
+
+def _more(count: int, what: str) -> str:
+    """The tail of a rate-limited log line: how many it stands for."""
+    return f" ({count} more {what})" if count else ""
 
 
 class Listener(Loop):

@@ -65,6 +65,39 @@ class TokenBucket:
             return False
 
 
+class Throttle:
+    """At most one log line per ``interval`` s for one recurring problem, counting the others.
+
+    For problems that come once per message (a full disk refuses every one of them): the first
+    occurrence is logged at once, then one line per interval says how many were not. Thread-safe.
+    """
+
+    def __init__(self, interval: float = 60.0, clock=time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._lock = threading.Lock()
+        self._quiet_until: float | None = None
+        self.suppressed = 0  # since the last line
+        self.count = 0  # since the problem began (the last ``over``)
+
+    def take(self) -> int | None:
+        """Note one occurrence: None to stay quiet, else how many were kept quiet since the last line."""
+        with self._lock:
+            self.count += 1
+            now = self.clock()
+            if self._quiet_until is not None and now < self._quiet_until:
+                self.suppressed += 1
+                return None
+            self._quiet_until = now + self.interval
+            suppressed, self.suppressed = self.suppressed, 0
+            return suppressed
+
+    def over(self) -> int:
+        """The problem is over (the next occurrence is logged at once); returns how often it occurred."""
+        with self._lock:
+            count, self.count, self.suppressed, self._quiet_until = self.count, 0, 0, None
+            return count
+
+
 class Audit:
     """Writes the audit lines; ``rejected`` lines are rate-limited, command lines are not.
 

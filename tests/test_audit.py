@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from audit import Audit, TokenBucket, redact
+from audit import Audit, Throttle, TokenBucket, redact
 from conftest import PASSWORD, SECRET, wait_for
 
 
@@ -147,3 +147,15 @@ def test_every_rejected_message_is_counted_by_kind_even_when_its_line_is_suppres
     audit.rejected("message is not JSON (x)", None, 3)
     assert audit.rejections == {"unauthenticated": 5, "oversize": 1, "malformed": 1}
     assert len(caplog.records) == 2  # the bucket let two lines through
+
+
+def test_throttle_lets_one_line_a_minute_through_and_counts_the_rest():
+    clock = Clock()
+    throttle = Throttle(60, clock)
+    assert throttle.take() == 0  # the first occurrence is logged at once
+    assert [throttle.take() for _ in range(500)] == [None] * 500
+    clock.now += 60
+    assert throttle.take() == 500  # the next line says how many were not logged
+    assert throttle.take() is None
+    assert throttle.over() == 503  # the problem is over: how often it occurred
+    assert throttle.take() == 0 and throttle.count == 1  # a new problem is logged at once

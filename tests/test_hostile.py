@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 
 import pytest
+from test_faults import _fill, tiny_disk  # noqa: F401  (the 1 MiB tmpfs fixture)
 
 import protocol
 from conftest import ROOT, SECRET, free_port, wait_for
@@ -235,3 +236,82 @@ def test_a_replayed_busy_command_is_answered_busy_again_and_never_runs(running_a
     assert replay == [busy]
     assert backend.call("echo", {"message": "after"})["output"] == "after"
     assert fake_docker.calls() == [["restart", "--", "grafana"]] * 2, "the replayed command ran"
+
+
+# -- a full disk: one refusal line a minute, not one per message ------------------------------
+
+def test_a_full_disk_logs_its_refusals_rate_limited(tiny_disk, agent_env, agent_process, make_backend,  # noqa: F811
+                                                    redis_server):
+    env = {**agent_env, "OUTBOX_DB": str(tiny_disk / "outbox.db")}
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(env["AGENT_ID"])
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+    filler = _fill(tiny_disk)
+    # Pages SQLite already holds take a few more; then every message is refused.
+    wait_for(lambda: backend.call("echo", timeout=20)["status"] == "error", 30, message="the first refusal")
+    ids = [backend.send("echo", {"message": f"full-{i}"}) for i in range(300)]
+    assert all(backend.wait(cid, 20)["status"] == "error" for cid in ids), "every message is still answered"
+    lines = [line for line in agent.log().splitlines() if "cannot write" in line]
+    assert 1 <= len(lines) <= 2, f"{len(lines)} lines for about 300 refusals"
+    assert all(" ERROR " in line and "refusing commands until it is writable" in line for line in lines)
+
+    filler.unlink()
+    wait_for(lambda: backend.call("echo", {"message": "after"}, timeout=20)["status"] == "success", 30,
+             message="the agent to accept again")
+    again = [line for line in agent.log().splitlines() if "can be written again" in line]
+    assert len(again) == 1 and re.search(r"; (\d+) messages were refused", again[0])
+    assert int(re.search(r"; (\d+) messages", again[0]).group(1)) >= 301
+    assert agent.terminate() == 0
+
+
+# -- wire numbers: a huge integer timestamp -----------------------------------------------------
+
+
+def test_huge_integer_timestamps_get_one_rate_limited_line_not_a_traceback_each(agent_env, agent_process,
+                                                                                redis_server, make_backend):
+    env = {**agent_env, "COCKPIT_SHARED_SECRET": SECRET}
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(env["AGENT_ID"], secret=SECRET)
+    pipe = redis_server.client().pipeline(transaction=False)
+    for i in range(500):
+        message = {"command_id": f"huge-{i}", "command": "echo", "timestamp": 10**400}
+        message["auth"] = {"signature": protocol.sign(message, SECRET)}
+        pipe.publish(f"cockpit-agent:{env['AGENT_ID']}", json.dumps(message))
+    pipe.execute()
+    assert backend.call("echo", {"message": "still here"})["output"] == "still here"
+    assert agent.terminate() == 0
+    log = agent.log()
+    assert "Traceback" not in log and "OverflowError" not in log
+    lines = [line for line in log.splitlines() if "huge-" in line]
+    # The audit's bucket: 50 at once, then 5 a second; each let through is an audit and a warning line.
+    assert 2 <= len(lines) <= 2 * (50 + 5 * 30), len(lines)
+    assert all("needs a numeric timestamp" in line for line in lines)
+    assert not any(r.get("command_id", "").startswith("huge-") for r in backend.responses)
+
+
+def test_a_message_that_fails_unexpectedly_logs_one_traceback_a_minute(running_agent, make_backend, caplog,
+                                                                        monkeypatch):
+    """The twin of the OverflowError: any bug a message hits, every copy of it hits."""
+    import logging
+
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug hit by every message")
+
+    monkeypatch.setattr(agent.registry, "prepare", broken)
+    caplog.set_level(logging.INFO, logger="cockpit_agent")
+    pipe = backend.server.client().pipeline(transaction=False)
+    for i in range(200):
+        pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps({"command_id": f"bug-{i}", "command": "x"}))
+    pipe.execute()
+    wait_for(lambda: sum(r.getMessage().startswith("a group of") for r in caplog.records) >= 1, 20,
+             message="the messages read")
+    monkeypatch.undo()
+    assert backend.call("echo", {"message": "after"})["output"] == "after"  # read after all 200
+    failures = [r for r in caplog.records if r.getMessage().startswith("could not handle a message")]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert agent.listener.intake._failed.count >= 2  # more failed, one line for all
