@@ -315,3 +315,26 @@ def test_a_message_that_fails_unexpectedly_logs_one_traceback_a_minute(running_a
     failures = [r for r in caplog.records if r.getMessage().startswith("could not handle a message")]
     assert len(failures) == 1 and failures[0].exc_info is not None
     assert agent.listener.intake._failed.count >= 2  # more failed, one line for all
+
+
+# -- size before parsing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signing", [False, True], ids=["unsigned", "signed"])
+def test_an_oversized_message_is_answered_only_unsigned_and_under_a_leading_command_id(signing, running_agent,
+                                                                                       make_backend):
+    agent = running_agent(MAX_MESSAGE_BYTES=2048, **({"COCKPIT_SHARED_SECRET": SECRET} if signing else {}))
+    backend = make_backend(agent.config.agent_id, secret=SECRET if signing else None)
+    big = backend.message("echo", {"message": "x" * 5000}, command_id="big-1")  # command_id first, as the backend
+    hidden = {"command": "echo", "params": {"message": "x" * 5000}, "command_id": "big-2"}
+    backend.publish(big)
+    backend.publish(hidden)
+    wait_for(lambda: agent.audit.rejections.get("oversize", 0) == 2, 10, message="both refused")
+    assert backend.call("echo", {"message": "after"})["output"] == "after"
+    assert backend.responses_for("big-2") == []
+    if signing:
+        assert backend.responses_for("big-1") == []  # unverified: never answered
+    else:
+        size = len(json.dumps(big))
+        assert backend.wait("big-1")["error"] == \
+            f"message is {size} bytes, over the limit of 2048 bytes (MAX_MESSAGE_BYTES)"
