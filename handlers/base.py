@@ -117,7 +117,12 @@ class Registry:
 
 
 def string_param(params: dict[str, Any], name: str, default: str | None, max_len: int = 4096) -> str | None:
-    """The string parameter ``name`` (``default`` when absent or null); other types are refused."""
+    """The string parameter ``name`` (``default`` when absent or null); other types are refused.
+
+    ``""`` comes back as ``""``. A parameter that names what to act on (a repository, a branch,
+    a container, a unit) reads it as "not given" (``string_param(...) or default``): the
+    backend's request models send ``""`` for "the agent's own configuration".
+    """
     value = params.get(name)
     if value is None:
         return default

@@ -57,8 +57,8 @@ def resolve_repository(value: str | None, config) -> str:
 
 
 def prepare_pull(params, config) -> Action:
-    """``git -C <repo> pull --ff-only -- origin <branch>``."""
-    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    """``git -C <repo> pull --ff-only -- origin <branch>``; ``""`` means the default for both."""
+    repo = resolve_repository(string_param(params, "repository_path", None) or None, config)
     branch = string_param(params, "branch", DEFAULT_BRANCH, max_len=200) or DEFAULT_BRANCH
     check_branch(branch)
     return Action(
@@ -69,8 +69,8 @@ def prepare_pull(params, config) -> Action:
 
 
 def prepare_status(params, config) -> Action:
-    """``git -C <repo> status``."""
-    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    """``git -C <repo> status``; ``""`` means the default repository."""
+    repo = resolve_repository(string_param(params, "repository_path", None) or None, config)
     return Action(
         target=f"git:{repo}",
         argv=(config.git_bin, "-C", repo, "status"),

@@ -39,6 +39,16 @@ def test_git_pull_fast_forwards_and_reports_gits_output(backend, git_repos):
     assert (git_repos.clone / "new-file").exists()
 
 
+def test_git_pull_as_the_ui_sends_it(backend, git_repos, fake_docker):
+    """The backend's request model sends "" for repository_path and branch: the agent's defaults."""
+    git_repos.commit("from-the-ui")
+    response = backend.call("git_pull", {"repository_path": "", "branch": ""})
+    assert response["status"] == "success", response
+    assert (git_repos.clone / "from-the-ui").exists()
+    assert "On branch main" in backend.call("git_status", {"repository_path": ""})["output"]
+    assert backend.call("docker_restart", {"container_name": ""})["output"] == "grafana"
+
+
 def test_git_pull_of_a_missing_branch_is_an_error(backend):
     response = backend.call("git_pull", {"branch": "no-such-branch"})
     assert response["status"] == "error"

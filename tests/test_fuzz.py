@@ -313,7 +313,10 @@ def test_repository_paths(world, data):
     command = data.draw(st.sampled_from(["git_pull", "git_status"]))
     action = prepare_or_refuse(command, {"repository_path": path}, world)
     event("path accepted" if action is not None else "path refused")
-    if action is not None:
+    if action is not None and path == "":
+        # "" is "not given": the first whitelisted repository, as the backend's request models mean it.
+        assert action.argv[2] == os.path.realpath(world["config"].git_repo_paths[0])
+    elif action is not None:
         # Accepted only if the path really is a whitelisted repository, whatever way it was spelt.
         assert "\x00" not in path and os.path.isabs(path)
         assert os.path.realpath(path) in world["allowed"]
@@ -351,7 +354,8 @@ def test_accepted_branches_are_valid_git_refs(world, branch):
 def test_container_names(world, name):
     action = prepare_or_refuse("docker_restart", {"container_name": name}, world)
     if action is not None:
-        assert name in CONTAINERS and action.argv[-1] == name
+        # "" is "not given": the first whitelisted container, as the backend's request models mean it.
+        assert action.argv[-1] == (name or CONTAINERS[0]) and action.argv[-1] in CONTAINERS
 
 
 def test_known_attacks_are_refused(world):

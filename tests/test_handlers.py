@@ -103,6 +103,14 @@ def test_docker_restart(config, fake_docker):
     assert REGISTRY.prepare("docker_restart", {"container_name": "web-1"}, config).argv[-1] == "web-1"
 
 
+def test_empty_strings_mean_the_default_as_the_backend_sends_them(config, git_repos):
+    # The backend's GitPullRequest defaults both to "" ("the agent uses its own configuration").
+    default = REGISTRY.prepare("git_pull", {}, config)
+    assert REGISTRY.prepare("git_pull", {"repository_path": "", "branch": ""}, config) == default
+    assert REGISTRY.prepare("git_status", {"repository_path": ""}, config) == REGISTRY.prepare("git_status", {}, config)
+    assert REGISTRY.prepare("docker_restart", {"container_name": ""}, config).argv[-1] == "grafana"
+
+
 @pytest.mark.parametrize("name, message", [
     ("postgres", "container_name 'postgres' is not whitelisted; allowed: grafana, web-1 (DOCKER_CONTAINER_NAME)"),
     ("--privileged", "container_name '--privileged' is not a valid container name"),

@@ -169,6 +169,8 @@ def test_example_validates_units(handlers_dir, monkeypatch):
         registry.prepare("systemctl_restart", {"unit": "sshd.service"}, CONFIG)
     with pytest.raises(ValidationError, match="not a unit name"):
         registry.prepare("systemctl_restart", {"unit": "--force"}, CONFIG)
+    with pytest.raises(ValidationError, match="unit is required; allowed: nginx.service, app.service"):
+        registry.prepare("systemctl_restart", {"unit": ""}, CONFIG)  # "" is "not given", as for git's params
 
 
 def test_example_needs_its_whitelist(handlers_dir, monkeypatch):
