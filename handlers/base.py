@@ -7,9 +7,11 @@ started. So validation is pure, and "no process for invalid input" is checkable.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -32,6 +34,8 @@ class Action:
 
     Either ``output`` (answered without running anything) or ``argv`` (run as a child with
     ``timeout`` seconds). Actions with the same ``target`` run one at a time, in arrival order.
+    ``directory`` (from ``checked_directory``) is where the child runs: that very directory,
+    or nothing runs if the path has since been replaced or made a symlink.
     """
 
     target: str | None = None
@@ -41,6 +45,7 @@ class Action:
     output: str | None = None
     # What the response's output is on success when not the child's stdout (docker_restart).
     success_output: str | None = None
+    directory: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) when it was checked
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,35 @@ def whitelisted(kind: str, value: str, allowed: Iterable[str], setting: str) -> 
         )
 
 
+def checked_directory(path: str, setting: str) -> tuple[str, int, int]:
+    """``path``, a real directory now (not a symlink), with the (device, inode) it has now, for
+    ``Action.directory``: ``execute`` runs the child there only if it is still that directory."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise NotAllowed(f"{path} cannot be used: {exc.strerror} ({setting})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotAllowed(f"{path} is not a directory any more (replaced or now a symlink); not run ({setting})")
+    return path, st.st_dev, st.st_ino
+
+
+def _open_checked(directory: tuple[str, int, int]) -> int | str:
+    """An fd on ``directory`` if it is still the directory that was checked, else the refusal."""
+    path, dev, ino = directory
+    changed = f"{path} changed since it was checked (replaced or now a symlink); not run"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return changed
+        return f"cannot open {path}: {exc.strerror}; not run"
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        os.close(fd)
+        return changed
+    return fd
+
+
 # -- running children ---------------------------------------------------------------------------
 
 # Only these are passed on to children; the agent's own secrets (REDIS_PASSWORD,
@@ -211,10 +245,15 @@ def execute(action: Action, children: Children | None = None) -> Result:
     """Carry out an Action: answer at once, or run its argv as a child in its own process group.
 
     stdin is closed, the environment is minimal, and on timeout the whole group (git's ssh and
-    helpers included) is killed. Output is decoded without ever failing on bad UTF-8.
+    helpers included) is killed. Output is decoded without ever failing on bad UTF-8. With
+    ``action.directory`` the child starts in the directory opened and checked here, through its
+    fd (/proc/self/fd/N), so a path swapped after the check cannot move it elsewhere.
     """
     if action.argv is None:
         return Result("success", action.output, None, action.output)
+    fd = _open_checked(action.directory) if action.directory is not None else None
+    if isinstance(fd, str):
+        return Result("error", None, fd)
     try:
         proc = subprocess.Popen(
             list(action.argv),
@@ -224,9 +263,15 @@ def execute(action: Action, children: Children | None = None) -> Result:
             env=child_env(),
             start_new_session=True,
             close_fds=True,
+            # The child's chdir (before exec) follows the fd, not the path.
+            cwd=None if fd is None else f"/proc/self/fd/{fd}",
         )
     except OSError as exc:
-        return Result("error", None, f"could not start {action.argv[0]}: {exc.strerror or exc}")
+        where = "" if action.directory is None else f" in {action.directory[0]}"
+        return Result("error", None, f"could not start {action.argv[0]}{where}: {exc.strerror or exc}")
+    finally:
+        if fd is not None:
+            os.close(fd)
     if children is not None:
         children.add(proc)
     try:
