@@ -41,7 +41,7 @@ from audit import Audit, Throttle
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
-from handlers.base import monotonic_ms
+from handlers.base import Deadline, answer_deadline, monotonic_ms
 from handlers.loader import registry_with_dir
 from notify import Notifier
 from outbox import Message, Store
@@ -326,6 +326,7 @@ class Job:
     action: Action
     sender: str | None = None
     params: dict[str, Any] | None = None  # as received, for the audit line
+    deadline: Deadline | None = None  # when the backend stops waiting for it; None: the full timeout
 
 
 class Intake:
@@ -493,7 +494,9 @@ class Intake:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
-                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
+                # Only pub/sub has a backend waiting; a stream command may wait for the agent.
+                deadline = answer_deadline(action, cmd.timestamp, time.time()) if self.via == "pubsub" else None
+                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params, deadline))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
@@ -1070,7 +1073,7 @@ class Worker(Loop):
             return
         start = time.monotonic()
         try:
-            result = execute(job.action, self.agent.children)
+            result = execute(job.action, self.agent.children, job.deadline)
         except Exception as exc:  # a bug must still end in an answer, not a silent 'running' row
             self.log.exception("%s: %s failed inside the agent", job.command_id, job.command)
             result = Result("error", None, f"the agent failed to run {job.command}: {type(exc).__name__}: {exc}")
@@ -1434,6 +1437,8 @@ class Agent:
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
                                        "error", 0, str(exc))
                     continue
+                # No deadline: the backend stopped waiting when the agent went down; queued ones
+                # run (PROTOCOL.md), with their full timeout, answered by the result key and retries.
                 self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"

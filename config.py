@@ -407,6 +407,8 @@ def load(env_file: str | None = None) -> Config:
     for repo in repos:
         if not os.path.isabs(repo):
             raise ConfigError(f"GIT_REPO_PATH: expected absolute paths, got {repo!r}")
+    # Resolved once, here: a symlink put into the whitelist or re-pointed later must not move it.
+    repos = tuple(os.path.realpath(p) for p in repos)
     containers = r.list("DOCKER_CONTAINER_NAME", ("grafana",))
     from handlers.docker import CONTAINER_NAME_RE
 

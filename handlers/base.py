@@ -7,9 +7,12 @@ started. So validation is pure, and "no process for invalid input" is checkable.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from errors import NotAllowed, ValidationError
-from protocol import is_text, preview
+from protocol import SIGNATURE_MAX_AGE, is_text, preview
 
 if TYPE_CHECKING:
     from config import Config
@@ -32,6 +35,8 @@ class Action:
 
     Either ``output`` (answered without running anything) or ``argv`` (run as a child with
     ``timeout`` seconds). Actions with the same ``target`` run one at a time, in arrival order.
+    ``directory`` (from ``checked_directory``) is where the child runs: that very directory,
+    or nothing runs if the path has since been replaced or made a symlink.
     """
 
     target: str | None = None
@@ -41,6 +46,50 @@ class Action:
     output: str | None = None
     # What the response's output is on success when not the child's stdout (docker_restart).
     success_output: str | None = None
+    directory: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) when it was checked
+
+
+# How much earlier than the backend stops waiting a command's answer must be out: a command
+# killed by its deadline needs this long to be answered (the kill, the commit, the PUBLISH).
+# A quarter of the timeout when that is less, so a short timeout still leaves time to run.
+ANSWER_MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the backend stops waiting for a command's answer: the command's timeout counted
+    from the backend's timestamp (or from the command's arrival), and the margin before it."""
+
+    ends: float  # unix seconds
+    margin: float
+    origin: str  # what the timeout was counted from, for the error text
+    received: float  # when the agent received the command (unix seconds)
+
+    @property
+    def at(self) -> float:
+        """When the child must be stopped for its answer to arrive in time (unix seconds)."""
+        return self.ends - self.margin
+
+
+def answer_deadline(action: Action, timestamp: Any, received: float) -> Deadline | None:
+    """The Deadline of a command the backend waits for (None when it runs nothing or has no
+    timeout). ``timestamp`` is the message's, untrusted: used only when it is a finite number;
+    one in the future counts as the arrival, one older than the signature window as that window.
+    """
+    if action.argv is None or action.timeout is None:
+        return None
+    number = isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
+    try:
+        sent = float(timestamp) if number else None
+    except OverflowError:  # 10**400 is a JSON number too
+        sent = None
+    if sent is None or not math.isfinite(sent):
+        start, origin = received, "its arrival (it has no usable timestamp)"
+    elif sent > received:  # the agent's clock is behind, or the timestamp is made up
+        start, origin = received, "its arrival (its timestamp is in the future)"
+    else:
+        start, origin = max(sent, received - SIGNATURE_MAX_AGE), "the command's timestamp"
+    return Deadline(start + action.timeout, min(ANSWER_MARGIN, action.timeout / 4), origin, received)
 
 
 @dataclass(frozen=True)
@@ -117,7 +166,12 @@ class Registry:
 
 
 def string_param(params: dict[str, Any], name: str, default: str | None, max_len: int = 4096) -> str | None:
-    """The string parameter ``name`` (``default`` when absent or null); other types are refused."""
+    """The string parameter ``name`` (``default`` when absent or null); other types are refused.
+
+    ``""`` comes back as ``""``. A parameter that names what to act on (a repository, a branch,
+    a container, a unit) reads it as "not given" (``string_param(...) or default``): the
+    backend's request models send ``""`` for "the agent's own configuration".
+    """
     value = params.get(name)
     if value is None:
         return default
@@ -137,6 +191,35 @@ def whitelisted(kind: str, value: str, allowed: Iterable[str], setting: str) -> 
         raise NotAllowed(
             f"{kind} {preview(value)} is not whitelisted; allowed: {', '.join(allowed)} ({setting})"
         )
+
+
+def checked_directory(path: str, setting: str) -> tuple[str, int, int]:
+    """``path``, a real directory now (not a symlink), with the (device, inode) it has now, for
+    ``Action.directory``: ``execute`` runs the child there only if it is still that directory."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise NotAllowed(f"{path} cannot be used: {exc.strerror} ({setting})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotAllowed(f"{path} is not a directory any more (replaced or now a symlink); not run ({setting})")
+    return path, st.st_dev, st.st_ino
+
+
+def _open_checked(directory: tuple[str, int, int]) -> int | str:
+    """An fd on ``directory`` if it is still the directory that was checked, else the refusal."""
+    path, dev, ino = directory
+    changed = f"{path} changed since it was checked (replaced or now a symlink); not run"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return changed
+        return f"cannot open {path}: {exc.strerror}; not run"
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        os.close(fd)
+        return changed
+    return fd
 
 
 # -- running children ---------------------------------------------------------------------------
@@ -202,14 +285,28 @@ def _decode(data: bytes | None) -> str:
     return (data or b"").decode("utf-8", errors="replace")
 
 
-def execute(action: Action, children: Children | None = None) -> Result:
+def execute(action: Action, children: Children | None = None, deadline: Deadline | None = None) -> Result:
     """Carry out an Action: answer at once, or run its argv as a child in its own process group.
 
+    With a ``deadline`` the timeout is what is left until ``deadline.at``, so the answer reaches
+    a backend that still waits; nothing starts when nothing is left.
+
     stdin is closed, the environment is minimal, and on timeout the whole group (git's ssh and
-    helpers included) is killed. Output is decoded without ever failing on bad UTF-8.
+    helpers included) is killed. Output is decoded without ever failing on bad UTF-8. With
+    ``action.directory`` the child starts in the directory opened and checked here, through its
+    fd (/proc/self/fd/N), so a path swapped after the check cannot move it elsewhere.
     """
     if action.argv is None:
         return Result("success", action.output, None, action.output)
+    timeout = action.timeout
+    if deadline is not None:
+        left = deadline.at - time.time()
+        if left <= 0:
+            return Result("error", None, _not_started(action, deadline))
+        timeout = left if timeout is None else min(timeout, left)
+    fd = _open_checked(action.directory) if action.directory is not None else None
+    if isinstance(fd, str):
+        return Result("error", None, fd)
     try:
         proc = subprocess.Popen(
             list(action.argv),
@@ -219,23 +316,30 @@ def execute(action: Action, children: Children | None = None) -> Result:
             env=child_env(),
             start_new_session=True,
             close_fds=True,
+            # The child's chdir (before exec) follows the fd, not the path.
+            cwd=None if fd is None else f"/proc/self/fd/{fd}",
         )
     except OSError as exc:
-        return Result("error", None, f"could not start {action.argv[0]}: {exc.strerror or exc}")
+        where = "" if action.directory is None else f" in {action.directory[0]}"
+        return Result("error", None, f"could not start {action.argv[0]}{where}: {exc.strerror or exc}")
+    finally:
+        if fd is not None:
+            os.close(fd)
     if children is not None:
         children.add(proc)
     try:
         try:
-            stdout, stderr = proc.communicate(timeout=action.timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             stdout, stderr = _drain(proc)
-            return Result(
-                "error",
-                _decode(stdout).strip() or None,
-                f"timed out after {action.timeout:g} s ({action.timeout_setting}); the process was killed",
-                _decode(stdout),
-            )
+            if timeout == action.timeout or deadline is None:
+                why = f"timed out after {timeout:g} s ({action.timeout_setting})"
+            else:
+                why = (f"timed out after {timeout:.1f} s ({action.timeout_setting}={action.timeout:g} s counted from "
+                       f"{deadline.origin}, less a {deadline.margin:g} s margin so that this answer reaches the "
+                       "backend while it still waits)")
+            return Result("error", _decode(stdout).strip() or None, f"{why}; the process was killed", _decode(stdout))
     finally:
         if children is not None:
             children.remove(proc)
@@ -250,6 +354,16 @@ def execute(action: Action, children: Children | None = None) -> Result:
         )
     output = action.success_output if action.success_output is not None else out.strip()
     return Result("success", output, None, out, 0)
+
+
+def _not_started(action: Action, deadline: Deadline) -> str:
+    now = time.time()
+    counted = (f"{action.timeout_setting}={action.timeout:g} s counted from {deadline.origin}; "
+               f"it arrived {now - deadline.received:.1f} s ago")
+    if now >= deadline.ends:
+        return f"not started: the backend stopped waiting {now - deadline.ends:.1f} s ago ({counted}); nothing was run"
+    return (f"not started: the backend stops waiting in {deadline.ends - now:.1f} s, within the "
+            f"{deadline.margin:g} s this answer needs to reach it ({counted}); nothing was run")
 
 
 def _drain(proc: subprocess.Popen) -> tuple[bytes, bytes]:

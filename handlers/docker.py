@@ -13,10 +13,13 @@ CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 
 def prepare_restart(params, config) -> Action:
-    """``docker restart -- <name>``; the output on success is the container name."""
+    """``docker restart -- <name>``; the output on success is the container name.
+
+    No name, or ``""`` (as for git's parameters), is the first whitelisted container.
+    """
     allowed = config.docker_containers
     name = string_param(params, "container_name", None, max_len=128)
-    if name is None:
+    if not name:
         name = allowed[0]
     if not CONTAINER_NAME_RE.fullmatch(name):
         raise ValidationError(

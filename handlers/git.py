@@ -6,7 +6,7 @@ import os
 import re
 
 from errors import NotAllowed, ValidationError
-from handlers.base import Action, Handler, string_param
+from handlers.base import Action, Handler, checked_directory, string_param
 from protocol import preview
 
 # A stricter subset of git-check-ref-format: no leading '-' or '/', no '..', no '@{', no '//',
@@ -32,8 +32,9 @@ def check_branch(value: str) -> str:
 def resolve_repository(value: str | None, config) -> str:
     """The whitelisted repository ``value`` names, after resolving symlinks and ``..``.
 
-    Returns the resolved whitelisted path, so a symlink swapped after this check cannot
-    redirect the command.
+    The whitelist itself was resolved once, when the configuration was loaded, so a symlink
+    put into it (or re-pointed) later does not move it. Returns the resolved whitelisted path;
+    ``repository`` then pins the directory the command will run in.
     """
     allowed = list(config.git_repo_paths)
     if value is None:
@@ -48,33 +49,39 @@ def resolve_repository(value: str | None, config) -> str:
         raise NotAllowed(
             f"repository_path {preview(value)} is not a valid path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
         ) from None
-    for repo in allowed:
-        if real == os.path.realpath(repo):
-            return real
+    if real in allowed:
+        return real
+    if os.path.normpath(value) in allowed:
+        raise NotAllowed(
+            f"repository_path {preview(value)} now resolves to {preview(real)}: it was replaced by a symlink "
+            "or re-pointed since the agent started; not run (GIT_REPO_PATH is resolved at start)"
+        )
     raise NotAllowed(
         f"repository_path {preview(value)} is not whitelisted; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
     )
 
 
 def prepare_pull(params, config) -> Action:
-    """``git -C <repo> pull --ff-only -- origin <branch>``."""
-    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    """``git pull --ff-only -- origin <branch>`` in the repository; ``""`` means the default for both."""
+    repo = resolve_repository(string_param(params, "repository_path", None) or None, config)
     branch = string_param(params, "branch", DEFAULT_BRANCH, max_len=200) or DEFAULT_BRANCH
     check_branch(branch)
     return Action(
         target=f"git:{repo}",
-        argv=(config.git_bin, "-C", repo, "pull", "--ff-only", "--", "origin", branch),
+        argv=(config.git_bin, "pull", "--ff-only", "--", "origin", branch),
         timeout=config.command_timeout,
+        directory=checked_directory(repo, "GIT_REPO_PATH"),
     )
 
 
 def prepare_status(params, config) -> Action:
-    """``git -C <repo> status``."""
-    repo = resolve_repository(string_param(params, "repository_path", None), config)
+    """``git status`` in the repository; ``""`` means the default repository."""
+    repo = resolve_repository(string_param(params, "repository_path", None) or None, config)
     return Action(
         target=f"git:{repo}",
-        argv=(config.git_bin, "-C", repo, "status"),
+        argv=(config.git_bin, "status"),
         timeout=config.command_timeout,
+        directory=checked_directory(repo, "GIT_REPO_PATH"),
     )
 
 

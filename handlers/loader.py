@@ -15,6 +15,7 @@ exactly like the agent's own variables.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -67,15 +68,32 @@ def check_safe(path: str, kind: str, root_uid: int = 0) -> os.stat_result:
     return st
 
 
-def _import(path: str) -> object:
+def _open_checked(path: str, st: os.stat_result, flags: int, dir_fd: int | None = None) -> int:
+    """An fd on what ``check_safe`` just checked (``st``): the path is opened without following
+    a symlink and must still be the same file, so a swap after the check loads nothing."""
+    try:
+        fd = os.open(os.path.basename(path) if dir_fd is not None else path,
+                     flags | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+            raise  # not a swap: the caller says what is wrong (e.g. the agent's user may not read it)
+        raise ConfigError(f"HANDLERS_DIR: {path} changed while it was being loaded ({exc.strerror})") from None
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise ConfigError(f"HANDLERS_DIR: {path} changed while it was being loaded (replaced); start again")
+    return fd
+
+
+def _import(path: str, source: bytes) -> object:
+    """Run ``source`` (read from the checked file, not from ``path`` again) as a module."""
     name = f"{MODULE_PREFIX}.{os.path.splitext(os.path.basename(path))[0]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"HANDLERS_DIR: cannot load {path}")
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=path)
     module = importlib.util.module_from_spec(spec)
+    module.__file__ = path
     sys.modules[name] = module  # before running it, as a normal import does (dataclasses need it)
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, path, "exec"), module.__dict__)
     except Exception as exc:
         del sys.modules[name]
         if isinstance(exc, ConfigError):
@@ -88,10 +106,22 @@ def load_dir(directory: str, root_uid: int = 0) -> list[Handler]:
     """The Handlers declared by the ``*.py`` modules in ``directory``, in file-name order."""
     if not os.path.isdir(directory):
         raise ConfigError(f"HANDLERS_DIR: {directory} is not a directory")
-    check_safe(directory, "directory", root_uid)
+    checked = check_safe(directory, "directory", root_uid)
+    try:
+        dir_fd = _open_checked(directory, checked, os.O_DIRECTORY)
+    except OSError as exc:  # e.g. mode 0711: the agent's user may enter it but not list it
+        raise ConfigError(f"HANDLERS_DIR: cannot list {directory}: {exc.strerror}; "
+                          f"it must be readable by the agent's user (chmod 0755 {directory})") from None
+    try:
+        return _load_from(directory, dir_fd, root_uid)
+    finally:
+        os.close(dir_fd)
+
+
+def _load_from(directory: str, dir_fd: int, root_uid: int) -> list[Handler]:
     found: list[Handler] = []
     try:
-        entries = sorted(os.listdir(directory))
+        entries = sorted(os.listdir(dir_fd))
     except OSError as exc:  # e.g. mode 0711: the agent's user may enter it but not list it
         raise ConfigError(f"HANDLERS_DIR: cannot list {directory}: {exc.strerror}; "
                           f"it must be readable by the agent's user (chmod 0755 {directory})") from None
@@ -102,7 +132,14 @@ def load_dir(directory: str, root_uid: int = 0) -> list[Handler]:
         st = check_safe(path, "file", root_uid)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"HANDLERS_DIR: {path} is not a regular file")
-        module = _import(path)
+        try:
+            fd = _open_checked(path, st, os.O_NONBLOCK, dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                source = f.read()
+        except OSError as exc:
+            raise ConfigError(f"HANDLERS_DIR: cannot read {path}: {exc.strerror}; "
+                              f"it must be readable by the agent's user (chmod 0644 {path})") from None
+        module = _import(path, source)
         declared = getattr(module, "HANDLERS", None)
         if declared is None and hasattr(module, "HANDLER"):
             declared = [module.HANDLER]

@@ -39,6 +39,16 @@ def test_git_pull_fast_forwards_and_reports_gits_output(backend, git_repos):
     assert (git_repos.clone / "new-file").exists()
 
 
+def test_git_pull_as_the_ui_sends_it(backend, git_repos, fake_docker):
+    """The backend's request model sends "" for repository_path and branch: the agent's defaults."""
+    git_repos.commit("from-the-ui")
+    response = backend.call("git_pull", {"repository_path": "", "branch": ""})
+    assert response["status"] == "success", response
+    assert (git_repos.clone / "from-the-ui").exists()
+    assert "On branch main" in backend.call("git_status", {"repository_path": ""})["output"]
+    assert backend.call("docker_restart", {"container_name": ""})["output"] == "grafana"
+
+
 def test_git_pull_of_a_missing_branch_is_an_error(backend):
     response = backend.call("git_pull", {"branch": "no-such-branch"})
     assert response["status"] == "error"
@@ -75,14 +85,17 @@ def test_refusals_say_what_was_wrong_and_run_nothing(backend, fake_docker, git_r
 
 
 def test_docker_error_and_timeout(running_agent, make_backend, fake_docker):
-    agent = running_agent(DOCKER_TIMEOUT=1)
+    agent = running_agent(DOCKER_TIMEOUT=3)
     backend = make_backend(agent.config.agent_id)
     fake_docker.behave("fail")
     response = backend.call("docker_restart")
     assert response["error"] == "docker exited with status 1: Error response from daemon: No such container: grafana"
     fake_docker.behave("sleep 30")
     response = backend.call("docker_restart", timeout=20)
-    assert response["error"] == "timed out after 1 s (DOCKER_TIMEOUT); the process was killed"
+    # Counted from the backend's timestamp (whole seconds), less the margin: 1.2 to 2.3 s.
+    assert response["error"].startswith(("timed out after 1.", "timed out after 2."))
+    assert response["error"].endswith("(DOCKER_TIMEOUT=3 s counted from the command's timestamp, less a 0.75 s margin "
+                                      "so that this answer reaches the backend while it still waits); the process was killed")
     fake_docker.behave("ok")
     assert backend.call("docker_restart")["status"] == "success"  # the worker is free again
 
@@ -201,7 +214,7 @@ def test_listener_resubscribes_after_its_connection_is_dropped(agent, backend, r
 def test_a_handler_that_blows_up_still_gets_an_answer(running_agent, make_backend, monkeypatch):
     import agent as agent_module
 
-    def broken(action, children=None):
+    def broken(action, children=None, deadline=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(agent_module, "execute", broken)

@@ -199,13 +199,13 @@ def check_action(command: str, action, world) -> None:
         return
     argv = list(action.argv)
     if command in ("git_pull", "git_status"):
-        assert argv[:2] == [config.git_bin, "-C"]
-        assert argv[2] in world["allowed"], argv
+        assert argv[0] == config.git_bin
+        assert action.directory[0] in world["allowed"], action.directory
         if command == "git_pull":
-            assert argv[3:7] == ["pull", "--ff-only", "--", "origin"] and len(argv) == 8
-            check_branch_is_safe(argv[7])
+            assert argv[1:5] == ["pull", "--ff-only", "--", "origin"] and len(argv) == 6
+            check_branch_is_safe(argv[5])
         else:
-            assert argv[3:] == ["status"]
+            assert argv[1:] == ["status"]
     elif command == "docker_restart":
         assert argv[:3] == [config.docker_bin, "restart", "--"] and len(argv) == 4
         assert argv[3] in CONTAINERS and CONTAINER_NAME_RE.fullmatch(argv[3])
@@ -313,11 +313,14 @@ def test_repository_paths(world, data):
     command = data.draw(st.sampled_from(["git_pull", "git_status"]))
     action = prepare_or_refuse(command, {"repository_path": path}, world)
     event("path accepted" if action is not None else "path refused")
-    if action is not None:
+    if action is not None and path == "":
+        # "" is "not given": the first whitelisted repository, as the backend's request models mean it.
+        assert action.directory[0] == os.path.realpath(world["config"].git_repo_paths[0])
+    elif action is not None:
         # Accepted only if the path really is a whitelisted repository, whatever way it was spelt.
         assert "\x00" not in path and os.path.isabs(path)
         assert os.path.realpath(path) in world["allowed"]
-        assert os.path.realpath(path) == action.argv[2]
+        assert os.path.realpath(path) == action.directory[0]
     else:
         try:
             real = os.path.realpath(path) if "\x00" not in path and os.path.isabs(path) else None
@@ -351,7 +354,8 @@ def test_accepted_branches_are_valid_git_refs(world, branch):
 def test_container_names(world, name):
     action = prepare_or_refuse("docker_restart", {"container_name": name}, world)
     if action is not None:
-        assert name in CONTAINERS and action.argv[-1] == name
+        # "" is "not given": the first whitelisted container, as the backend's request models mean it.
+        assert action.argv[-1] == (name or CONTAINERS[0]) and action.argv[-1] in CONTAINERS
 
 
 def test_known_attacks_are_refused(world):

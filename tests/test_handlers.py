@@ -46,8 +46,8 @@ def test_unknown_command_lists_what_is_allowed(config):
 def test_git_pull_argv_defaults(config, git_repos):
     action = REGISTRY.prepare("git_pull", {}, config)
     repo = os.path.realpath(git_repos.clone)
-    assert action.argv == ("git", "-C", repo, "pull", "--ff-only", "--", "origin", "main")
-    assert action.timeout == 5 and action.target == f"git:{repo}"
+    assert action.argv == ("git", "pull", "--ff-only", "--", "origin", "main")
+    assert action.timeout == 5 and action.target == f"git:{repo}" and action.directory[0] == repo
     assert REGISTRY.prepare("git_pull", {"branch": ""}, config).argv[-1] == "main"
     assert REGISTRY.prepare("git_pull", {"branch": "release/1.2"}, config).argv[-1] == "release/1.2"
 
@@ -57,7 +57,7 @@ def test_git_paths_resolve_symlinks_and_dotdot(config, git_repos, tmp_path):
     link.symlink_to(git_repos.clone)
     for spelling in (str(link), f"{git_repos.clone}/", f"{git_repos.clone}/sub/..", str(git_repos.clone)):
         action = REGISTRY.prepare("git_status", {"repository_path": spelling}, config)
-        assert action.argv[2] == os.path.realpath(git_repos.clone)
+        assert action.directory[0] == os.path.realpath(git_repos.clone)
 
 
 @pytest.mark.parametrize("path", ["/etc", "{clone}/..", "{clone}/.git", "relative/repo", "{clone}\x00x", "/"])
@@ -101,6 +101,14 @@ def test_docker_restart(config, fake_docker):
     assert action.argv == (str(fake_docker.path), "restart", "--", "grafana")
     assert action.timeout == 7 and action.timeout_setting == "DOCKER_TIMEOUT"
     assert REGISTRY.prepare("docker_restart", {"container_name": "web-1"}, config).argv[-1] == "web-1"
+
+
+def test_empty_strings_mean_the_default_as_the_backend_sends_them(config, git_repos):
+    # The backend's GitPullRequest defaults both to "" ("the agent uses its own configuration").
+    default = REGISTRY.prepare("git_pull", {}, config)
+    assert REGISTRY.prepare("git_pull", {"repository_path": "", "branch": ""}, config) == default
+    assert REGISTRY.prepare("git_status", {"repository_path": ""}, config) == REGISTRY.prepare("git_status", {}, config)
+    assert REGISTRY.prepare("docker_restart", {"container_name": ""}, config).argv[-1] == "grafana"
 
 
 @pytest.mark.parametrize("name, message", [

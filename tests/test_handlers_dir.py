@@ -84,6 +84,34 @@ def test_a_symlinked_module_is_refused(handlers_dir, tmp_path):
         registry_with_dir(REGISTRY, str(handlers_dir))
 
 
+@pytest.mark.parametrize("swap", ["module", "directory"])
+def test_a_module_swapped_after_its_check_is_not_loaded(handlers_dir, tmp_path, monkeypatch, swap):
+    """What is checked is what is loaded: a module (or the directory) replaced between the
+    check and the import must not run, even a root-owned one."""
+    import handlers.loader as loader
+
+    ran = tmp_path / "evil-ran"
+    evil_dir = tmp_path / "evil.d"
+    evil_dir.mkdir(mode=0o755)
+    evil = write(evil_dir, "hello.py", f"open({str(ran)!r}, 'w').close()\n" + HELLO)
+    write(handlers_dir, "hello.py", HELLO)
+    checked = loader.check_safe
+
+    def check_then_swap(path, kind, root_uid=0):
+        st = checked(path, kind, root_uid)
+        if swap == "module" and kind == "file":
+            os.replace(evil, path)
+        elif swap == "directory" and kind == "directory":
+            os.rename(handlers_dir, f"{handlers_dir}.moved")
+            os.symlink(evil_dir, handlers_dir)
+        return st
+
+    monkeypatch.setattr(loader, "check_safe", check_then_swap)
+    with pytest.raises(ConfigError, match="changed while it was being loaded"):
+        registry_with_dir(REGISTRY, str(handlers_dir))
+    assert not ran.exists()
+
+
 def test_a_module_not_owned_by_root_is_refused(handlers_dir):
     path = write(handlers_dir, "hello.py", HELLO)
     os.chown(path, NOBODY, NOBODY)
@@ -169,6 +197,8 @@ def test_example_validates_units(handlers_dir, monkeypatch):
         registry.prepare("systemctl_restart", {"unit": "sshd.service"}, CONFIG)
     with pytest.raises(ValidationError, match="not a unit name"):
         registry.prepare("systemctl_restart", {"unit": "--force"}, CONFIG)
+    with pytest.raises(ValidationError, match="unit is required; allowed: nginx.service, app.service"):
+        registry.prepare("systemctl_restart", {"unit": ""}, CONFIG)  # "" is "not given", as for git's params
 
 
 def test_example_needs_its_whitelist(handlers_dir, monkeypatch):

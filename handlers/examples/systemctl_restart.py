@@ -51,7 +51,7 @@ UNITS, SYSTEMCTL, TIMEOUT = _settings()
 def prepare(params, config) -> Action:
     """``systemctl restart -- <unit>`` for a whitelisted unit; the output on success is the unit."""
     unit = string_param(params, "unit", None, max_len=256)
-    if unit is None:
+    if not unit:  # "" is "not given", as for the built-in commands; there is no default unit
         raise ValidationError(f"unit is required; allowed: {', '.join(UNITS)} (SYSTEMCTL_UNITS)")
     if not UNIT_RE.match(unit):
         raise ValidationError(f"unit {preview(unit)} is not a unit name; allowed: {', '.join(UNITS)} (SYSTEMCTL_UNITS)")
