@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from errors import NotAllowed, ValidationError
@@ -41,6 +41,9 @@ class Action:
     output: str | None = None
     # What the response's output is on success when not the child's stdout (docker_restart).
     success_output: str | None = None
+    # Written to the child's stdin (then closed): how a secret reaches a child without
+    # showing on its argv, which every local user can read in /proc. Never in repr.
+    stdin: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -205,15 +208,16 @@ def _decode(data: bytes | None) -> str:
 def execute(action: Action, children: Children | None = None) -> Result:
     """Carry out an Action: answer at once, or run its argv as a child in its own process group.
 
-    stdin is closed, the environment is minimal, and on timeout the whole group (git's ssh and
-    helpers included) is killed. Output is decoded without ever failing on bad UTF-8.
+    stdin is closed (or fed ``action.stdin``), the environment is minimal, and on timeout the
+    whole group (git's ssh and helpers included) is killed. Output is decoded without ever
+    failing on bad UTF-8.
     """
     if action.argv is None:
         return Result("success", action.output, None, action.output)
     try:
         proc = subprocess.Popen(
             list(action.argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if action.stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(),
@@ -226,7 +230,7 @@ def execute(action: Action, children: Children | None = None) -> Result:
         children.add(proc)
     try:
         try:
-            stdout, stderr = proc.communicate(timeout=action.timeout)
+            stdout, stderr = proc.communicate(action.stdin, timeout=action.timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             stdout, stderr = _drain(proc)
