@@ -37,6 +37,7 @@ from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._pars
 
 import logs
 import protocol
+import sealed
 from audit import Audit
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
@@ -446,14 +447,15 @@ class Intake:
         try:
             action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
         except ValidationError as exc:
-            response, message = self.agent.error_answer(cmd.command_id, str(exc))
+            error = self.agent.mask(str(exc))
+            response, message = self.agent.error_answer(cmd.command_id, error)
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                          hold_until=self._hold())
             if accepted.new:
-                self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
+                self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), error)
                 self._answers.append((accepted.outbox_id, message))
                 self._after_commit.append((self.agent.audit.command, (
-                    cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))))
+                    cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, error)))
         else:
             if action.argv is None:
                 self._answer_now(cmd, action)
@@ -496,7 +498,7 @@ class Intake:
         accepts it: nothing ran that a crash could interrupt, and the health check is answered
         even while every worker is busy with a long git_pull.
         """
-        result = execute(action)
+        result = self.agent.redacted(execute(action))
         response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
         accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                      output=result.full_output, hold_until=self._hold())
@@ -1027,6 +1029,7 @@ class Worker(Loop):
         except Exception as exc:  # a bug must still end in an answer, not a silent 'running' row
             self.log.exception("%s: %s failed inside the agent", job.command_id, job.command)
             result = Result("error", None, f"the agent failed to run {job.command}: {type(exc).__name__}: {exc}")
+        result = self.agent.redacted(result)
         elapsed = monotonic_ms(start)
         response, message = self.agent.answer(job.command_id, result.status, result.output, result.error, elapsed)
         backoff = Backoff()
@@ -1285,6 +1288,7 @@ class Agent:
     def __init__(self, config: Config, registry: Registry = REGISTRY):
         self.config = config
         self.registry = registry
+        self.secrets = sealed.maskable(secrets_of(config))  # masked in every output and error
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None wakes a worker to stop
         self.children = Children()
         self.audit = Audit()
@@ -1363,7 +1367,22 @@ class Agent:
 
     def error_answer(self, command_id: str, error: str, result_key: bool = True) -> tuple[dict[str, Any], Message]:
         """An error response for a command that will not run."""
-        return self.answer(command_id, "error", None, error, 0, result_key)
+        return self.answer(command_id, "error", None, self.mask(error), 0, result_key)
+
+    def mask(self, text: str | None, plain: tuple[str, ...] = ()) -> str | None:
+        """``text`` with the configured secrets and a command's decrypted params (``plain``) as ``***``."""
+        return sealed.mask(text, sealed.maskable((*self.secrets, *plain)) if plain else self.secrets)
+
+    def redacted(self, result: Result, plain: tuple[str, ...] = ()) -> Result:
+        """``result`` with every secret masked (``mask``): its output, error and full output.
+
+        Applied once, right after a command ran, before its Result becomes a response or a row:
+        a child can print the secrets, and the agent's own error texts quote the child's stderr.
+        """
+        if not self.secrets and not plain:
+            return result
+        return Result(result.status, self.mask(result.output, plain), self.mask(result.error, plain),
+                      self.mask(result.full_output, plain), result.exit_code)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -1382,10 +1401,11 @@ class Agent:
                 try:
                     action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
                 except ValidationError as exc:
-                    response, message = self.error_answer(row["command_id"], str(exc))
-                    store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    error = self.mask(str(exc))
+                    response, message = self.error_answer(row["command_id"], error)
+                    store.finish(row["command_id"], "error", None, error, 0, message)
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
-                                       "error", 0, str(exc))
+                                       "error", 0, error)
                     continue
                 self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
             self.executed = store.db.execute(
