@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -314,6 +314,8 @@ class Job:
     action: Action
     sender: str | None = None
     params: dict[str, Any] | None = None  # as received, for the audit line
+    # Its decrypted params, masked in what the child prints; never in repr.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 class Intake:
@@ -444,10 +446,13 @@ class Intake:
             return
         if self.via == "stream":
             self.agent.seen_on_stream(cmd.command_id)
+        # The handler sees the decrypted params; cmd.params (the tokens) is what is stored and audited.
+        plain: tuple[str, ...] = ()
         try:
-            action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
+            params, plain = sealed.open_params(cmd.params, self.config.shared_secret)
+            action = self.agent.registry.prepare(cmd.command, params, self.config)
         except ValidationError as exc:
-            error = self.agent.mask(str(exc))
+            error = self.agent.mask(str(exc), plain)
             response, message = self.agent.error_answer(cmd.command_id, error)
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                          hold_until=self._hold())
@@ -458,7 +463,7 @@ class Intake:
                     cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, error)))
         else:
             if action.argv is None:
-                self._answer_now(cmd, action)
+                self._answer_now(cmd, action, plain)
                 return
             # A command seen before is never "busy": it is answered as a duplicate.
             existing = self.store.get(cmd.command_id)
@@ -470,7 +475,7 @@ class Intake:
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender)
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
-                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params))
+                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params, plain))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
@@ -491,14 +496,14 @@ class Intake:
                      f"(QUEUE_MAX={self.config.queue_max}); send it again later", stored=False)
         return True
 
-    def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
+    def _answer_now(self, cmd: protocol.Command, action: Action, plain: tuple[str, ...] = ()) -> None:
         """A command that runs nothing (echo) is answered on arrival, without a worker.
 
         It is recorded done, with its response in the outbox, in the one transaction that
         accepts it: nothing ran that a crash could interrupt, and the health check is answered
         even while every worker is busy with a long git_pull.
         """
-        result = self.agent.redacted(execute(action))
+        result = self.agent.redacted(execute(action), plain)
         response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
         accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                      output=result.full_output, hold_until=self._hold())
@@ -1029,7 +1034,7 @@ class Worker(Loop):
         except Exception as exc:  # a bug must still end in an answer, not a silent 'running' row
             self.log.exception("%s: %s failed inside the agent", job.command_id, job.command)
             result = Result("error", None, f"the agent failed to run {job.command}: {type(exc).__name__}: {exc}")
-        result = self.agent.redacted(result)
+        result = self.agent.redacted(result, job.secrets)
         elapsed = monotonic_ms(start)
         response, message = self.agent.answer(job.command_id, result.status, result.output, result.error, elapsed)
         backoff = Backoff()
@@ -1398,16 +1403,20 @@ class Agent:
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
                 self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
+                plain: tuple[str, ...] = ()
                 try:
-                    action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
+                    # Stored as received: the sealed params are decrypted again, exactly as on arrival.
+                    params, plain = sealed.open_params(json.loads(row["params"]), self.config.shared_secret)
+                    action = self.registry.prepare(row["command"], params, self.config)
                 except ValidationError as exc:
-                    error = self.mask(str(exc))
+                    error = self.mask(str(exc), plain)
                     response, message = self.error_answer(row["command_id"], error)
                     store.finish(row["command_id"], "error", None, error, 0, message)
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
                                        "error", 0, error)
                     continue
-                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
+                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"]),
+                                     plain))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
             ).fetchone()[0]
