@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -37,6 +37,7 @@ from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._pars
 
 import logs
 import protocol
+import sealed
 from audit import Audit, Throttle
 from config import VERSION, Config, RedactSecrets, load, secrets_of
 from errors import ConfigError, ValidationError
@@ -327,6 +328,8 @@ class Job:
     sender: str | None = None
     params: dict[str, Any] | None = None  # as received, for the audit line
     deadline: Deadline | None = None  # when the backend stops waiting for it; None: the full timeout
+    # Its decrypted params, masked in what the child prints; never in repr.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 class Intake:
@@ -469,20 +472,24 @@ class Intake:
             return
         if self.via == "stream":
             self.agent.seen_on_stream(cmd.command_id)
+        # The handler sees the decrypted params; cmd.params (the tokens) is what is stored and audited.
+        plain: tuple[str, ...] = ()
         try:
-            action = self.agent.registry.prepare(cmd.command, cmd.params, self.config)
+            params, plain = sealed.open_params(cmd.params, self.config.shared_secret)
+            action = self.agent.registry.prepare(cmd.command, params, self.config)
         except ValidationError as exc:
-            response, message = self.agent.error_answer(cmd.command_id, str(exc))
+            error = self.agent.mask(str(exc), plain)
+            response, message = self.agent.error_answer(cmd.command_id, error)
             accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                          hold_until=self._hold())
             if accepted.new:
-                self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), exc)
+                self.log.warning("%s: %s refused: %s", cmd.command_id, protocol.preview(cmd.command), error)
                 self._answers.append((accepted.outbox_id, message))
                 self._after_commit.append((self.agent.audit.command, (
-                    cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, str(exc))))
+                    cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, error)))
         else:
             if action.argv is None:
-                self._answer_now(cmd, action)
+                self._answer_now(cmd, action, plain)
                 return
             # A command seen before is never "busy": it is answered as a duplicate.
             existing = self.store.get(cmd.command_id)
@@ -496,7 +503,7 @@ class Intake:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
                 # Only pub/sub has a backend waiting; a stream command may wait for the agent.
                 deadline = answer_deadline(action, cmd.timestamp, time.time()) if self.via == "pubsub" else None
-                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params, deadline))
+                self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params, deadline, plain))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
             self._duplicate(accepted.row)
@@ -529,14 +536,14 @@ class Intake:
             cmd.command_id, cmd.sender, cmd.command, cmd.params, "error", 0, error)))
         return True
 
-    def _answer_now(self, cmd: protocol.Command, action: Action) -> None:
+    def _answer_now(self, cmd: protocol.Command, action: Action, plain: tuple[str, ...] = ()) -> None:
         """A command that runs nothing (echo) is answered on arrival, without a worker.
 
         It is recorded done, with its response in the outbox, in the one transaction that
         accepts it: nothing ran that a crash could interrupt, and the health check is answered
         even while every worker is busy with a long git_pull.
         """
-        result = execute(action)
+        result = self.agent.redacted(execute(action), plain)
         response, message = self.agent.answer(cmd.command_id, result.status, result.output, result.error, 0)
         accepted = self.store.accept(cmd.command_id, cmd.command, cmd.params, cmd.sender, (response, message),
                                      output=result.full_output, hold_until=self._hold())
@@ -1077,6 +1084,7 @@ class Worker(Loop):
         except Exception as exc:  # a bug must still end in an answer, not a silent 'running' row
             self.log.exception("%s: %s failed inside the agent", job.command_id, job.command)
             result = Result("error", None, f"the agent failed to run {job.command}: {type(exc).__name__}: {exc}")
+        result = self.agent.redacted(result, job.secrets)
         elapsed = monotonic_ms(start)
         response, message = self.agent.answer(job.command_id, result.status, result.output, result.error, elapsed)
         backoff = Backoff()
@@ -1335,6 +1343,7 @@ class Agent:
     def __init__(self, config: Config, registry: Registry = REGISTRY):
         self.config = config
         self.registry = registry
+        self.secrets = sealed.maskable(secrets_of(config))  # masked in every output and error
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None wakes a worker to stop
         self.children = Children()
         self.audit = Audit()
@@ -1413,7 +1422,22 @@ class Agent:
 
     def error_answer(self, command_id: str, error: str, result_key: bool = True) -> tuple[dict[str, Any], Message]:
         """An error response for a command that will not run."""
-        return self.answer(command_id, "error", None, error, 0, result_key)
+        return self.answer(command_id, "error", None, self.mask(error), 0, result_key)
+
+    def mask(self, text: str | None, plain: tuple[str, ...] = ()) -> str | None:
+        """``text`` with the configured secrets and a command's decrypted params (``plain``) as ``***``."""
+        return sealed.mask(text, sealed.maskable((*self.secrets, *plain)) if plain else self.secrets)
+
+    def redacted(self, result: Result, plain: tuple[str, ...] = ()) -> Result:
+        """``result`` with every secret masked (``mask``): its output, error and full output.
+
+        Applied once, right after a command ran, before its Result becomes a response or a row:
+        a child can print the secrets, and the agent's own error texts quote the child's stderr.
+        """
+        if not self.secrets and not plain:
+            return result
+        return Result(result.status, self.mask(result.output, plain), self.mask(result.error, plain),
+                      self.mask(result.full_output, plain), result.exit_code)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -1429,17 +1453,22 @@ class Agent:
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
                 self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
+                plain: tuple[str, ...] = ()
                 try:
-                    action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
+                    # Stored as received: the sealed params are decrypted again, exactly as on arrival.
+                    params, plain = sealed.open_params(json.loads(row["params"]), self.config.shared_secret)
+                    action = self.registry.prepare(row["command"], params, self.config)
                 except ValidationError as exc:
-                    response, message = self.error_answer(row["command_id"], str(exc))
-                    store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    error = self.mask(str(exc), plain)
+                    response, message = self.error_answer(row["command_id"], error)
+                    store.finish(row["command_id"], "error", None, error, 0, message)
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
-                                       "error", 0, str(exc))
+                                       "error", 0, error)
                     continue
                 # No deadline: the backend stopped waiting when the agent went down; queued ones
                 # run (PROTOCOL.md), with their full timeout, answered by the result key and retries.
-                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"])))
+                self.pool.submit(Job(row["command_id"], row["command"], action, row["sender"], json.loads(row["params"]),
+                                     secrets=plain))
             self.executed = store.db.execute(
                 "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
             ).fetchone()[0]

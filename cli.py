@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import redis
 
 import protocol
+import sealed
 from config import Config, load
 from errors import ConfigError
 from handlers.base import child_env
@@ -313,6 +314,7 @@ def send(config: Config, args: argparse.Namespace) -> int:
               f"run {args.command} with its defaults. Nothing was sent.", file=sys.stderr)
         return EX_USAGE
     command_id = str(uuid.uuid4())
+    params = sealed.seal_params(params, config.shared_secret)  # password=... encrypted, as the backend does
     message: dict[str, Any] = {"command_id": command_id, "command": args.command, "params": params,
                                "timestamp": int(time.time()), "sender": SEND_SENDER}
     if config.shared_secret:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from environs import Env
 
 from errors import ConfigError
+from sealed import mask, maskable
 
 VERSION = "1.0.0"
 
@@ -494,7 +495,7 @@ def _host_port(name: str, item: str) -> tuple[str, int]:
 
 
 def secrets_of(config: Config) -> list[str]:
-    """The secret strings a log filter must never let through."""
+    """The secret strings no log line, output or error may let through (masked by sealed.mask)."""
     found = [config.redis_password, config.shared_secret, config.redis_sentinel_password]
     if config.redis_url:
         found.append(urlsplit(config.redis_url).password)
@@ -506,15 +507,13 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]):
         super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 4]
+        self.secrets = maskable(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
         message = record.getMessage()
-        cleaned = message
-        for secret in self.secrets:
-            cleaned = cleaned.replace(secret, "***")
+        cleaned = mask(message, self.secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from errors import NotAllowed, ValidationError
@@ -47,6 +47,9 @@ class Action:
     # What the response's output is on success when not the child's stdout (docker_restart).
     success_output: str | None = None
     directory: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) when it was checked
+    # Written to the child's stdin (then closed): how a secret reaches a child without
+    # showing on its argv, which every local user can read in /proc. Never in repr.
+    stdin: bytes | None = field(default=None, repr=False)
 
 
 # How much earlier than the backend stops waiting a command's answer must be out: a command
@@ -291,8 +294,8 @@ def execute(action: Action, children: Children | None = None, deadline: Deadline
     With a ``deadline`` the timeout is what is left until ``deadline.at``, so the answer reaches
     a backend that still waits; nothing starts when nothing is left.
 
-    stdin is closed, the environment is minimal, and on timeout the whole group (git's ssh and
-    helpers included) is killed. Output is decoded without ever failing on bad UTF-8. With
+    stdin is closed (or fed ``action.stdin``), the environment is minimal, and on timeout the
+    whole group (git's ssh and helpers included) is killed. Output is decoded without ever failing on bad UTF-8. With
     ``action.directory`` the child starts in the directory opened and checked here, through its
     fd (/proc/self/fd/N), so a path swapped after the check cannot move it elsewhere.
     """
@@ -310,7 +313,7 @@ def execute(action: Action, children: Children | None = None, deadline: Deadline
     try:
         proc = subprocess.Popen(
             list(action.argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if action.stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(),
@@ -329,7 +332,7 @@ def execute(action: Action, children: Children | None = None, deadline: Deadline
         children.add(proc)
     try:
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(action.stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             stdout, stderr = _drain(proc)

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 
+import sealed
 from audit import Audit, Throttle, TokenBucket, redact
 from conftest import PASSWORD, SECRET, wait_for
 
@@ -75,7 +76,9 @@ def test_one_audit_line_per_command_through_the_agents_log(agent_env, agent_proc
     agent.wait_subscribed(redis_server)
     backend = make_backend(env["AGENT_ID"], secret=SECRET)
 
-    echo = backend.call("echo", {"message": "hi\nforged line", "password": "hunter2-xyz", "api_token": "tok-123"})
+    # With a secret, the backend sends a password encrypted; the agent decrypts it (and must not log it).
+    password = sealed.seal_params({"password": "hunter2-xyz"}, SECRET)["password"]
+    echo = backend.call("echo", {"message": "hi\nforged line", "password": password, "api_token": "tok-123"})
     restart = backend.call("docker_restart", {"container_name": "web-1"})
     refused = backend.call("git_pull", {"branch": "--upload-pack=touch /tmp/pwned"})
     unsigned = {"command_id": make_backend(env["AGENT_ID"]).send("echo")}  # never answered: unauthenticated

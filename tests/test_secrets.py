@@ -107,3 +107,100 @@ def test_agent_runs_with_secrets_only_in_credentials(tmp_path, agent_env, agent_
     assert agent.terminate() == 0
     assert PASSWORD not in agent.log() and SECRET not in agent.log()
     assert "signing=on" in agent.log()
+
+
+# -- secrets in what a child prints -------------------------------------------------------------
+
+
+def leaky_docker(directory) -> str:
+    """A docker stand-in that prints the agent's Redis password and shared secret, read from where a
+    careless child might find them (here: a file), on stdout and stderr; it fails for web-1."""
+    leaked = write(directory / "leaked", f"{PASSWORD} {SECRET}")
+    path = directory / "leaky-docker"
+    path.write_text(f"""#!{sys.executable}
+import sys
+secrets = open({str(leaked)!r}).read()
+print("restarting with " + secrets)
+sys.stderr.write("warning: auth " + secrets + "\\n")
+sys.exit(1 if sys.argv[-1] == "web-1" else 0)
+""")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_secrets_a_child_prints_are_masked_before_they_are_stored_or_published(tmp_path, running_agent, make_backend,
+                                                                                redis_server, agent_env):
+    import sqlite3
+
+    agent = running_agent(COCKPIT_SHARED_SECRET=SECRET, DOCKER_BIN=leaky_docker(tmp_path))
+    backend = make_backend(agent.config.agent_id, secret=SECRET)
+    failed = backend.call("docker_restart", {"container_name": "web-1"})
+    assert failed["status"] == "error", failed
+    assert failed["output"] == "restarting with *** ***"
+    assert failed["error"] == "leaky-docker exited with status 1: warning: auth *** ***"
+    ok = backend.call("docker_restart", {"container_name": "grafana"})
+    assert ok["status"] == "success" and ok["output"] == "grafana", ok
+
+    client = redis_server.client()
+    for response in (failed, ok):
+        stored = client.get(agent.config.result_key(response["command_id"]))
+        assert stored is not None and PASSWORD.encode() not in stored and SECRET.encode() not in stored
+    db = sqlite3.connect(agent.config.outbox_db)
+    assert db.execute("SELECT output FROM commands WHERE command_id = ?",
+                      [ok["command_id"]]).fetchone()[0] == "restarting with *** ***\n"
+    db.close()
+    agent.stop_requested.set()
+    agent.shutdown()
+    state = b"".join(p.read_bytes() for p in (tmp_path / "state").iterdir() if p.is_file())
+    assert b"restarting with *** ***" in state
+    assert PASSWORD.encode() not in state and SECRET.encode() not in state
+    assert not any(PASSWORD.encode() in raw or SECRET.encode() in raw for raw in backend.raw)
+
+
+def test_masking_takes_the_longest_secret_first_and_leaves_short_ones():
+    import sealed
+
+    secrets = sealed.maskable(["abcd", "abcdefgh", "xy", None, "abcd"])
+    assert secrets == ("abcdefgh", "abcd")  # "xy" would mangle every output; a repeat counts once
+    assert sealed.mask("1 abcdefgh 2 abcd 3 xy", secrets) == "1 *** 2 *** 3 xy"
+    assert sealed.mask(None, secrets) is None
+
+
+def test_a_secret_in_an_answer_given_on_arrival_is_masked(running_agent, make_backend, redis_server):
+    """echo runs nothing and is answered by the intake itself: its output is masked as well. (The
+    message's params are kept as received, so the secret the sender put there stays in them.)"""
+    import sqlite3
+
+    agent = running_agent(COCKPIT_SHARED_SECRET=SECRET)
+    backend = make_backend(agent.config.agent_id, secret=SECRET)
+    echoed = backend.call("echo", {"message": f"say {PASSWORD} and {SECRET}"})
+    assert echoed["output"] == "say *** and ***", echoed
+    stored = redis_server.client().get(agent.config.result_key(echoed["command_id"]))
+    assert b"say *** and ***" in stored and PASSWORD.encode() not in stored
+    db = sqlite3.connect(agent.config.outbox_db)
+    row = db.execute("SELECT output, response FROM commands WHERE command_id = ?", [echoed["command_id"]]).fetchone()
+    payloads = [p for (p,) in db.execute("SELECT payload FROM outbox")]
+    db.close()
+    for text in [*row, *payloads]:
+        assert PASSWORD not in text and SECRET not in text
+    assert row[0] == "say *** and ***"
+
+
+def test_refusals_that_quote_a_secret_mask_it(running_agent, make_backend):
+    """The agent's own error texts quote what a message held (an unknown command, a bad type):
+    a secret there is masked like one a child printed."""
+    import sqlite3
+
+    agent = running_agent(COCKPIT_SHARED_SECRET=SECRET)
+    backend = make_backend(agent.config.agent_id, secret=SECRET)
+    unknown = backend.call(f"run-{PASSWORD}")  # refused by the handler check
+    assert unknown["error"].startswith("unknown command 'run-***'"), unknown
+    malformed = backend.call([SECRET])  # refused by the envelope check
+    assert malformed["error"] == "command must be a non-empty string, got ['***']", malformed
+    db = sqlite3.connect(agent.config.outbox_db)
+    rows = db.execute("SELECT error, response FROM commands WHERE command_id IN (?, ?)",
+                      [unknown["command_id"], malformed["command_id"]]).fetchall()
+    db.close()
+    assert len(rows) == 2
+    for text in [t for row in rows for t in row]:
+        assert "***" in text and PASSWORD not in text and SECRET not in text
