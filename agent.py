@@ -1032,7 +1032,10 @@ class Worker(Loop):
         backoff = Backoff()
         while True:
             try:
-                self.store.finish(job.command_id, result.status, result.full_output, result.error, elapsed, message)
+                if not self.store.finish(job.command_id, result.status, result.full_output, result.error, elapsed,
+                                         message):
+                    self.log.error("%s: ran, but its row was no longer running (answered already); this result "
+                                   "was not recorded or sent", job.command_id)
                 break
             except sqlite3.Error as exc:
                 # The command ran; keep trying to record it rather than lose its answer.
@@ -1375,7 +1378,9 @@ class Agent:
             for row in running:
                 error = "interrupted: the agent stopped while this command was running; it was not run again"
                 response, message = self.error_answer(row["command_id"], error)
-                store.finish(row["command_id"], "error", None, error, 0, message)
+                if not store.finish(row["command_id"], "error", None, error, 0, message):
+                    log.warning("%s: no longer running when recovered; not answered again", row["command_id"])
+                    continue
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
                 self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
@@ -1383,7 +1388,9 @@ class Agent:
                     action = self.registry.prepare(row["command"], json.loads(row["params"]), self.config)
                 except ValidationError as exc:
                     response, message = self.error_answer(row["command_id"], str(exc))
-                    store.finish(row["command_id"], "error", None, str(exc), 0, message)
+                    if not store.refuse(row["command_id"], str(exc), message):
+                        log.warning("%s: no longer queued when recovered; not answered again", row["command_id"])
+                        continue
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
                                        "error", 0, str(exc))
                     continue
