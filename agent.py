@@ -39,12 +39,13 @@ import logs
 import protocol
 from audit import Audit
 from config import VERSION, Config, RedactSecrets, load, secrets_of
-from errors import ConfigError, ValidationError
+from errors import ConfigError, DatabaseInUse, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
 from handlers.base import monotonic_ms
 from handlers.loader import registry_with_dir
 from notify import Notifier
 from outbox import Message, Store
+from outbox.owner import DatabaseLock
 
 log = logging.getLogger("cockpit_agent")
 
@@ -1302,6 +1303,7 @@ class Agent:
         self.last_heartbeat: float | None = None
         self._executed_lock = threading.Lock()
         self.executed = 0
+        self.db_lock = DatabaseLock(config.outbox_db)  # taken by start, before anything opens the store
         self.pool = WorkerPool(self)
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)
@@ -1408,7 +1410,11 @@ class Agent:
         return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
 
     def start(self) -> None:
-        """Recover, then start every thread (workers first, the listener last)."""
+        """Lock the database, recover, then start every thread (workers first, the listener last).
+
+        Raises DatabaseInUse when another agent holds the database.
+        """
+        self.db_lock.acquire()
         self.recover()
         self.pool.start()
         self.flusher.start()
@@ -1448,7 +1454,11 @@ class Agent:
         signals = SignalWatcher(self.request_stop)
         signals.install()
         try:
-            self.start()
+            try:
+                self.start()
+            except DatabaseInUse as exc:
+                log.critical("%s", exc)
+                return EX_CONFIG
             died = False
             while not self.stop_requested.wait(1.0):
                 for thread in self.threads():
@@ -1532,6 +1542,7 @@ class Agent:
             self.heartbeat.beat("offline")
         except Exception as exc:
             log.warning("could not write status=offline: %s", exc)
+        self.db_lock.release()
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0

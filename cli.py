@@ -24,6 +24,8 @@ import protocol
 from config import Config, load
 from errors import ConfigError
 from handlers.base import child_env
+from outbox.owner import describe
+from outbox.owner import holder as lock_holder
 
 EX_OK, EX_FAIL, EX_USAGE, EX_NO_RESPONSE = 0, 1, 2, 3
 EX_UNAVAILABLE = 69  # sysexits.h: Redis cannot be reached
@@ -258,6 +260,9 @@ def check(env_file: str | None) -> int:
         checks.report(True, "state", f"{config.outbox_db} is writable")
     else:
         checks.report(True, "state", f"{config.outbox_db} will be created (in {target}, writable)")
+    pid = lock_holder(config.outbox_db)
+    if pid:
+        checks.report(True, "state", f"an agent ({describe(pid)}) holds {config.outbox_db}")
     return EX_FAIL if checks.failed else EX_OK
 
 
