@@ -985,6 +985,17 @@ class WorkerPool:
             following = lane.popleft()
         self.agent.queue.put(following)
 
+    def forget(self) -> None:
+        """Drop every Job not yet taken (before the workers start): a start-up recovery that
+        failed midway queues them all again."""
+        with self._lock:
+            self._lanes.clear()
+        while True:
+            try:
+                self.agent.queue.get_nowait()
+            except queue.Empty:
+                return
+
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
@@ -1409,13 +1420,15 @@ class Agent:
         optional = [self.stream_reader] if self.stream_reader is not None else []
         return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """Lock the database, recover, then start every thread (workers first, the listener last).
 
-        Raises DatabaseInUse when another agent holds the database.
+        Raises DatabaseInUse when another agent holds the database; False, with nothing
+        started, when a stop was asked for while recovery waited for the database.
         """
         self.db_lock.acquire()
-        self.recover()
+        if not self._recover_when_writable():
+            return False
         self.pool.start()
         self.flusher.start()
         self.heartbeat.start()
@@ -1429,6 +1442,32 @@ class Agent:
         self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
         self.warn_unwritable_repos()
+        return True
+
+    def _recover_when_writable(self) -> bool:
+        """``recover``, retried with capped backoff while the database cannot be written (a full
+        disk): exiting would only make systemd restart the agent into the same error, in a loop.
+        One ERROR line, then quiet retries; False if a stop is asked for meanwhile."""
+        backoff, since = Backoff(base=1.0, cap=10.0), None
+        while True:
+            try:
+                self.recover()
+            except sqlite3.OperationalError as exc:
+                self.pool.forget()  # what it queued before failing is queued again on the next try
+                if since is None:
+                    since = time.monotonic()
+                    log.error("cannot recover the work left in %s (OUTBOX_DB): %s; not starting until it can be "
+                              "written, retrying every few seconds", self.config.outbox_db, exc)
+                delay = backoff.next()
+                # Still starting, as systemd sees it: keep TimeoutStartSec= from killing us meanwhile.
+                self.notifier.notify.send(f"STATUS=waiting for {self.config.outbox_db} to be writable: {exc}",
+                                          f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1_000_000)}")
+                if self.stop_requested.wait(delay):
+                    return False
+                continue
+            if since is not None:
+                log.info("recovered the work left in %s after %.0f s", self.config.outbox_db, time.monotonic() - since)
+            return True
 
     def warn_unwritable_repos(self) -> None:
         """Say at start which whitelisted repositories the agent cannot write: git_pull there
@@ -1455,10 +1494,14 @@ class Agent:
         signals.install()
         try:
             try:
-                self.start()
+                started = self.start()
             except DatabaseInUse as exc:
                 log.critical("%s", exc)
                 return EX_CONFIG
+            if not started:
+                self.db_lock.release()
+                log.info("stopped before starting; the work left stays in %s", self.config.outbox_db)
+                return 0
             died = False
             while not self.stop_requested.wait(1.0):
                 for thread in self.threads():
