@@ -45,7 +45,7 @@ from handlers.base import monotonic_ms
 from handlers.loader import registry_with_dir
 from notify import Notifier
 from outbox import Message, Store
-from outbox.owner import DatabaseLock
+from outbox.owner import DatabaseLock, instance_id
 
 log = logging.getLogger("cockpit_agent")
 
@@ -1286,12 +1286,56 @@ class Heartbeat(Loop):
             "started_at": int(self.agent.started_at),
             "commands_executed": self.agent.executed,
             "agent_id": self.config.agent_id,
+            "instance": self.agent.instance,
+            "twin": self.agent.twin or "",
         }
         pipe = self.client.pipeline(transaction=True)
+        watch = self.watch_twins
+        if watch:
+            # Who wrote the hash last, read inside the same transaction before our HSET: a third
+            # command per beat, no extra round trip. Another instance there is a twin.
+            pipe.hmget(key, "instance", "hostname")
         pipe.hset(key, mapping=fields)
         pipe.expire(key, 3 * interval)
-        pipe.execute()
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoPermissionError:
+            if not watch:
+                raise
+            # An ACL written before HMGET was needed aborts the whole transaction: beat without it.
+            self.watch_twins = False
+            self.log.warning("the Redis ACL refuses HMGET on %s, so another agent running as %s would go "
+                             "unnoticed; add +hmget to the agent's rules (docs/redis-acl.md)", key, self.config.agent_id)
+            return self.beat(status)
         self.agent.last_heartbeat = time.time()
+        if watch:
+            self._note_writer(*replies[0])
+
+    watch_twins = True  # False once the ACL refused the HMGET
+    twin_clears_after = 3  # beats without a sign of the other agent
+
+    def _note_writer(self, instance: bytes | None, hostname: bytes | None) -> None:
+        """Say once, loudly, when another agent writes our registry hash, and when it went away."""
+        agent = self.agent
+        if instance is not None and instance != agent.instance.encode():
+            other = f"{protocol.preview(_text(hostname), 80)} (instance {protocol.preview(_text(instance), 40)})"
+            agent.twin_unseen = 0
+            if agent.twin != other:
+                agent.twin = other
+                self.log.error(
+                    "another agent runs as %s on this Redis: %s wrote %s since this one's last heartbeat (this is "
+                    "%r, instance %s); both receive and run every command: stop one, or give each its own AGENT_ID",
+                    self.config.agent_id, other, self.config.registry_key, socket.gethostname(), agent.instance)
+        elif agent.twin is not None:
+            agent.twin_unseen += 1
+            if agent.twin_unseen >= self.twin_clears_after:
+                self.log.warning("the other agent running as %s, %s, has not written %s for %d heartbeats: gone",
+                                 self.config.agent_id, agent.twin, self.config.registry_key, agent.twin_unseen)
+                agent.twin, agent.twin_unseen = None, 0
+
+
+def _text(value: bytes | None) -> str:
+    return "?" if value is None else value.decode("utf-8", "replace")
 
 
 class Agent:
@@ -1315,6 +1359,9 @@ class Agent:
         self._executed_lock = threading.Lock()
         self.executed = 0
         self.db_lock = DatabaseLock(config.outbox_db)  # taken by start, before anything opens the store
+        self.instance = instance_id(config.outbox_db)  # this machine + this database, in the registry
+        self.twin: str | None = None  # the other agent writing our registry hash, while there is one
+        self.twin_unseen = 0
         self.pool = WorkerPool(self)
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)

@@ -1,13 +1,18 @@
-"""Which agent owns a database: the lock that keeps a second agent off it.
+"""Which agent owns a database: the lock that keeps a second agent off it, and the instance id
+that names this agent (this machine, this database) in the registry hash.
 
 Two agents on one database each took the other's ``running`` rows for interrupted ones and
-answered them "not run again" while the first was running them.
+answered them "not run again" while the first was running them; two agents with one id (two
+hosts, or two databases) both ran every command. The lock stops the first; the instance id
+lets the heartbeat notice the second.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import socket
 
 from errors import DatabaseInUse
 
@@ -133,3 +138,22 @@ def describe(pid: int) -> str:
     if len(text) > 200:
         text = text[:197] + "..."
     return f"pid {pid} ({text})" if text else f"pid {pid}"
+
+
+def _machine_id() -> str:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                value = f.read(64).strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return ""
+
+
+def instance_id(db_path: str) -> str:
+    """Names this agent: the same across restarts on this machine and this database, another
+    for another host or another database (a copied machine id still differs by hostname)."""
+    seed = "\0".join((_machine_id(), socket.gethostname(), os.path.realpath(db_path)))
+    return hashlib.sha256(seed.encode("utf-8", "replace")).hexdigest()[:16]
