@@ -40,12 +40,13 @@ import protocol
 import sealed
 from audit import Audit, Throttle
 from config import VERSION, Config, RedactSecrets, load, secrets_of
-from errors import ConfigError, ValidationError
+from errors import ConfigError, DatabaseInUse, ValidationError
 from handlers import REGISTRY, Action, Children, Registry, Result, execute
 from handlers.base import Deadline, answer_deadline, monotonic_ms
 from handlers.loader import registry_with_dir
 from notify import Notifier
 from outbox import Message, Store
+from outbox.owner import DatabaseLock, instance_id
 
 log = logging.getLogger("cockpit_agent")
 
@@ -1041,6 +1042,17 @@ class WorkerPool:
             following = lane.popleft()
         self.agent.queue.put(following)
 
+    def forget(self) -> None:
+        """Drop every Job not yet taken (before the workers start): a start-up recovery that
+        failed midway queues them all again."""
+        with self._lock:
+            self._lanes.clear()
+        while True:
+            try:
+                self.agent.queue.get_nowait()
+            except queue.Empty:
+                return
+
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
@@ -1090,7 +1102,10 @@ class Worker(Loop):
         backoff = Backoff()
         while True:
             try:
-                self.store.finish(job.command_id, result.status, result.full_output, result.error, elapsed, message)
+                if not self.store.finish(job.command_id, result.status, result.full_output, result.error, elapsed,
+                                         message):
+                    self.log.error("%s: ran, but its row was no longer running (answered already); this result "
+                                   "was not recorded or sent", job.command_id)
                 break
             except sqlite3.Error as exc:
                 # The command ran; keep trying to record it rather than lose its answer.
@@ -1329,12 +1344,56 @@ class Heartbeat(Loop):
             "started_at": int(self.agent.started_at),
             "commands_executed": self.agent.executed,
             "agent_id": self.config.agent_id,
+            "instance": self.agent.instance,
+            "twin": self.agent.twin or "",
         }
         pipe = self.client.pipeline(transaction=True)
+        watch = self.watch_twins
+        if watch:
+            # Who wrote the hash last, read inside the same transaction before our HSET: a third
+            # command per beat, no extra round trip. Another instance there is a twin.
+            pipe.hmget(key, "instance", "hostname")
         pipe.hset(key, mapping=fields)
         pipe.expire(key, 3 * interval)
-        pipe.execute()
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoPermissionError:
+            if not watch:
+                raise
+            # An ACL written before HMGET was needed aborts the whole transaction: beat without it.
+            self.watch_twins = False
+            self.log.warning("the Redis ACL refuses HMGET on %s, so another agent running as %s would go "
+                             "unnoticed; add +hmget to the agent's rules (docs/redis-acl.md)", key, self.config.agent_id)
+            return self.beat(status)
         self.agent.last_heartbeat = time.time()
+        if watch:
+            self._note_writer(*replies[0])
+
+    watch_twins = True  # False once the ACL refused the HMGET
+    twin_clears_after = 3  # beats without a sign of the other agent
+
+    def _note_writer(self, instance: bytes | None, hostname: bytes | None) -> None:
+        """Say once, loudly, when another agent writes our registry hash, and when it went away."""
+        agent = self.agent
+        if instance is not None and instance != agent.instance.encode():
+            other = f"{protocol.preview(_text(hostname), 80)} (instance {protocol.preview(_text(instance), 40)})"
+            agent.twin_unseen = 0
+            if agent.twin != other:
+                agent.twin = other
+                self.log.error(
+                    "another agent runs as %s on this Redis: %s wrote %s since this one's last heartbeat (this is "
+                    "%r, instance %s); both receive and run every command: stop one, or give each its own AGENT_ID",
+                    self.config.agent_id, other, self.config.registry_key, socket.gethostname(), agent.instance)
+        elif agent.twin is not None:
+            agent.twin_unseen += 1
+            if agent.twin_unseen >= self.twin_clears_after:
+                self.log.warning("the other agent running as %s, %s, has not written %s for %d heartbeats: gone",
+                                 self.config.agent_id, agent.twin, self.config.registry_key, agent.twin_unseen)
+                agent.twin, agent.twin_unseen = None, 0
+
+
+def _text(value: bytes | None) -> str:
+    return "?" if value is None else value.decode("utf-8", "replace")
 
 
 class Agent:
@@ -1358,6 +1417,10 @@ class Agent:
         self.last_heartbeat: float | None = None
         self._executed_lock = threading.Lock()
         self.executed = 0
+        self.db_lock = DatabaseLock(config.outbox_db)  # taken by start, before anything opens the store
+        self.instance = instance_id(config.outbox_db)  # this machine + this database, in the registry
+        self.twin: str | None = None  # the other agent writing our registry hash, while there is one
+        self.twin_unseen = 0
         self.pool = WorkerPool(self)
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)
@@ -1449,7 +1512,9 @@ class Agent:
             for row in running:
                 error = "interrupted: the agent stopped while this command was running; it was not run again"
                 response, message = self.error_answer(row["command_id"], error)
-                store.finish(row["command_id"], "error", None, error, 0, message)
+                if not store.finish(row["command_id"], "error", None, error, 0, message):
+                    log.warning("%s: no longer running when recovered; not answered again", row["command_id"])
+                    continue
                 log.warning("%s: %s was interrupted by an agent stop; answered with an error", row["command_id"], row["command"])
                 self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]), "error", 0, error)
             for row in queued:
@@ -1461,7 +1526,9 @@ class Agent:
                 except ValidationError as exc:
                     error = self.mask(str(exc), plain)
                     response, message = self.error_answer(row["command_id"], error)
-                    store.finish(row["command_id"], "error", None, error, 0, message)
+                    if not store.refuse(row["command_id"], error, message):
+                        log.warning("%s: no longer queued when recovered; not answered again", row["command_id"])
+                        continue
                     self.audit.command(row["command_id"], row["sender"], row["command"], json.loads(row["params"]),
                                        "error", 0, error)
                     continue
@@ -1481,9 +1548,15 @@ class Agent:
         optional = [self.stream_reader] if self.stream_reader is not None else []
         return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
 
-    def start(self) -> None:
-        """Recover, then start every thread (workers first, the listener last)."""
-        self.recover()
+    def start(self) -> bool:
+        """Lock the database, recover, then start every thread (workers first, the listener last).
+
+        Raises DatabaseInUse when another agent holds the database; False, with nothing
+        started, when a stop was asked for while recovery waited for the database.
+        """
+        self.db_lock.acquire()
+        if not self._recover_when_writable():
+            return False
         self.pool.start()
         self.flusher.start()
         self.heartbeat.start()
@@ -1497,6 +1570,32 @@ class Agent:
         self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
         self.warn_unwritable_repos()
+        return True
+
+    def _recover_when_writable(self) -> bool:
+        """``recover``, retried with capped backoff while the database cannot be written (a full
+        disk): exiting would only make systemd restart the agent into the same error, in a loop.
+        One ERROR line, then quiet retries; False if a stop is asked for meanwhile."""
+        backoff, since = Backoff(base=1.0, cap=10.0), None
+        while True:
+            try:
+                self.recover()
+            except sqlite3.OperationalError as exc:
+                self.pool.forget()  # what it queued before failing is queued again on the next try
+                if since is None:
+                    since = time.monotonic()
+                    log.error("cannot recover the work left in %s (OUTBOX_DB): %s; not starting until it can be "
+                              "written, retrying every few seconds", self.config.outbox_db, exc)
+                delay = backoff.next()
+                # Still starting, as systemd sees it: keep TimeoutStartSec= from killing us meanwhile.
+                self.notifier.notify.send(f"STATUS=waiting for {self.config.outbox_db} to be writable: {exc}",
+                                          f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1_000_000)}")
+                if self.stop_requested.wait(delay):
+                    return False
+                continue
+            if since is not None:
+                log.info("recovered the work left in %s after %.0f s", self.config.outbox_db, time.monotonic() - since)
+            return True
 
     def warn_unwritable_repos(self) -> None:
         """Say at start which whitelisted repositories the agent cannot write: git_pull there
@@ -1522,7 +1621,15 @@ class Agent:
         signals = SignalWatcher(self.request_stop)
         signals.install()
         try:
-            self.start()
+            try:
+                started = self.start()
+            except DatabaseInUse as exc:
+                log.critical("%s", exc)
+                return EX_CONFIG
+            if not started:
+                self.db_lock.release()
+                log.info("stopped before starting; the work left stays in %s", self.config.outbox_db)
+                return 0
             died = False
             while not self.stop_requested.wait(1.0):
                 for thread in self.threads():
@@ -1606,6 +1713,7 @@ class Agent:
             self.heartbeat.beat("offline")
         except Exception as exc:
             log.warning("could not write status=offline: %s", exc)
+        self.db_lock.release()
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0

@@ -25,6 +25,8 @@ import sealed
 from config import Config, load
 from errors import ConfigError
 from handlers.base import child_env
+from outbox.owner import describe, instance_id
+from outbox.owner import holder as lock_holder
 
 EX_OK, EX_FAIL, EX_USAGE, EX_NO_RESPONSE = 0, 1, 2, 3
 EX_UNAVAILABLE = 69  # sysexits.h: Redis cannot be reached
@@ -213,6 +215,7 @@ def check(env_file: str | None) -> int:
         user = client.acl_whoami() if hasattr(client, "acl_whoami") else "?"
         checks.report(True, "redis", f"{_where(config)} as {user}, tls {'on' if config.redis_ssl else 'off'}, "
                       f"redis {info.get('redis_version', '?')}, ping {ms:.0f} ms")
+        _check_registry(checks, config, client)
     except redis.RedisError as exc:
         checks.report(False, "redis", f"{_where(config)}: {_redis_problem(exc)}")
     except OSError as exc:  # e.g. a TLS certificate file that cannot be read
@@ -259,7 +262,37 @@ def check(env_file: str | None) -> int:
         checks.report(True, "state", f"{config.outbox_db} is writable")
     else:
         checks.report(True, "state", f"{config.outbox_db} will be created (in {target}, writable)")
+    pid = lock_holder(config.outbox_db)
+    if pid:
+        checks.report(True, "state", f"an agent ({describe(pid)}) holds {config.outbox_db}")
     return EX_FAIL if checks.failed else EX_OK
+
+
+def _check_registry(checks: _Checks, config: Config, client: redis.Redis) -> None:
+    """A FAIL line when another agent writes this agent id's registry hash (a twin: both run
+    every command). HMGET, which the agent's ACL allows, not HGETALL."""
+    names = ("instance", "hostname", "twin", "status", "last_heartbeat")
+    try:
+        values = client.hmget(config.registry_key, names)
+    except redis.RedisError:
+        return  # an older ACL without +hmget: nothing to tell either way
+    # Whoever can write to Redis wrote these: printable characters only, and short.
+    entry = {k: _one_line("".join(c if c.isprintable() else "?" for c in v.decode("utf-8", "replace")), 160)
+             for k, v in zip(names, values) if v is not None}
+    mine, other, key = instance_id(config.outbox_db), entry.get("instance"), config.registry_key
+    host = entry.get("hostname", "?")
+    if entry.get("twin"):
+        checks.report(False, "registry", f"two agents run as {config.agent_id} on this Redis: {key} was last written "
+                      f"by {host} (instance {other}), which saw another one: {entry['twin']}; both run every "
+                      "command: stop one, or give each its own AGENT_ID")
+    elif other and other != mine and entry.get("status") == "online":
+        try:
+            age = _age(time.time() - float(entry.get("last_heartbeat") or 0))
+        except ValueError:
+            age = "?"
+        checks.report(False, "registry", f"another agent runs as {config.agent_id} on this Redis: {host} "
+                      f"(instance {other}, not this host's {mine}), heartbeat {age} ago; an agent started "
+                      "here would run every command too: give it its own AGENT_ID")
 
 
 UNIT = "cockpit-agent.service"

@@ -23,3 +23,8 @@ class NotAllowed(ValidationError):
 
 class StoreUnavailable(AgentError):
     """The SQLite database cannot be written, so the agent cannot promise to keep a command."""
+
+
+class DatabaseInUse(AgentError):
+    """Another agent holds the database (OUTBOX_DB), or its lock file cannot be opened; this one
+    does not start."""

@@ -57,6 +57,9 @@ class _Gauges:
                                 value=agent.queue.qsize())
         yield GaugeMetricFamily("cockpit_agent_redis_connected", "1 while the command subscription is up.",
                                 value=1 if agent.redis_connected.is_set() else 0)
+        yield GaugeMetricFamily("cockpit_agent_twin_detected",
+                                "1 while another agent with this agent id writes its registry hash.",
+                                value=1 if agent.twin is not None else 0)
         last = agent.last_heartbeat
         yield GaugeMetricFamily(
             "cockpit_agent_heartbeat_age_seconds",

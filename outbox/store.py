@@ -212,16 +212,36 @@ class Store:
         error: str | None,
         execution_time_ms: int,
         message: Message,
-    ) -> None:
-        """Record how a command ended and queue its response, in one transaction."""
+    ) -> bool:
+        """Record how a running command ended and queue its response, in one transaction.
+
+        False, writing and queuing nothing, when the row is not ``running``: it was answered
+        already (an answer must never be replaced by a second one).
+        """
         now = time.time()
         with self.immediate():
-            self.db.execute(
+            updated = self.db.execute(
                 "UPDATE commands SET state = 'done', status = ?, output = ?, error = ?, "
-                "execution_time_ms = ?, finished_at = ?, response = ? WHERE command_id = ?",
+                "execution_time_ms = ?, finished_at = ?, response = ? WHERE command_id = ? AND state = 'running'",
                 [status, full_output, error, execution_time_ms, now, message.payload, command_id],
-            )
-            self._enqueue(message, now)
+            ).rowcount
+            if updated:
+                self._enqueue(message, now)
+        return bool(updated)
+
+    def refuse(self, command_id: str, error: str, message: Message) -> bool:
+        """Answer a queued command that will not run (it fails validation at start-up), in one
+        transaction; False, writing and queuing nothing, when the row is not ``queued``."""
+        now = time.time()
+        with self.immediate():
+            updated = self.db.execute(
+                "UPDATE commands SET state = 'done', status = 'error', error = ?, execution_time_ms = 0, "
+                "finished_at = ?, response = ? WHERE command_id = ? AND state = 'queued'",
+                [error, now, message.payload, command_id],
+            ).rowcount
+            if updated:
+                self._enqueue(message, now)
+        return bool(updated)
 
     def pending(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Rows left ``running`` (interrupted) and ``queued`` by an earlier run, in arrival order."""

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Removes cockpit-agent (`make uninstall`): the app, the unit and the command. The state
-# (/var/lib/cockpit-agent: the outbox and its history) and /etc/cockpit-agent (agent.env,
+# (/var/lib/cockpit-agent: the outbox, its history and its lock file) and /etc/cockpit-agent (agent.env,
 # handlers.d) are kept unless PURGE=1, which also removes the system user.
 # DESTDIR works as for install.sh.
 set -eu

@@ -191,6 +191,66 @@ def _try(backend, message):
     return response if response["status"] == "success" else None
 
 
+def _left_work(db: str) -> None:
+    """What an agent killed mid-command leaves: one row running, one queued, one queued whose
+    parameters no longer pass (its container left the whitelist)."""
+    from outbox import Store
+
+    store = Store(db)
+    store.accept("left-running", "docker_restart", {"container_name": "grafana"})
+    store.claim("left-running")
+    store.accept("left-queued", "git_status", {})
+    store.accept("left-refused", "docker_restart", {"container_name": "gone"})
+    store.close()
+
+
+def test_full_disk_at_start_waits_with_one_line_then_recovers(tiny_disk, agent_env, agent_process, make_backend,
+                                                             redis_server, fake_docker):
+    """recover() raised 'database or disk is full': a traceback and exit 1, and systemd
+    restarted the agent into the same error in a loop."""
+    env = {**agent_env, "OUTBOX_DB": str(tiny_disk / "outbox.db")}
+    _left_work(env["OUTBOX_DB"])
+    backend = make_backend(env["AGENT_ID"])
+    filler = _fill(tiny_disk)
+    agent = agent_process(env).start()
+    wait_for(lambda: "cannot recover the work left in" in agent.log() or agent.proc.poll() is not None, 20,
+             message="the agent to say it cannot recover")
+    with pytest.raises(subprocess.TimeoutExpired):
+        agent.proc.wait(4)  # it waits, it does not exit
+    lines = [line for line in agent.log().splitlines() if "cannot recover the work left in" in line]
+    assert len(lines) == 1, agent.log()
+    assert "ERROR" in lines[0] and env["OUTBOX_DB"] in lines[0], lines[0]
+    assert "disk I/O error" in lines[0] or "disk is full" in lines[0], lines[0]  # SQLite's own words
+    assert "Traceback" not in agent.log()
+    assert backend.responses == []
+
+    filler.unlink()
+    interrupted = backend.wait("left-running", 30)
+    assert interrupted["status"] == "error" and interrupted["error"].startswith("interrupted:")
+    assert backend.wait("left-queued", 20)["status"] == "success"
+    refused = backend.wait("left-refused", 20)
+    assert refused["status"] == "error" and "gone" in refused["error"]
+    assert backend.call("echo", {"message": "after"})["output"] == "after"
+    for command_id in ("left-running", "left-queued", "left-refused"):
+        assert len(backend.responses_for(command_id)) == 1
+    assert fake_docker.calls() == []  # the interrupted restart was not run again
+    assert agent.terminate() == 0
+
+
+def test_sigterm_while_waiting_for_a_full_disk_stops_at_once(tiny_disk, agent_env, agent_process):
+    env = {**agent_env, "OUTBOX_DB": str(tiny_disk / "outbox.db")}
+    _left_work(env["OUTBOX_DB"])
+    _fill(tiny_disk)
+    agent = agent_process(env).start()
+    wait_for(lambda: "cannot recover the work left in" in agent.log() or agent.proc.poll() is not None, 20,
+             message="the agent to say it cannot recover")
+    assert agent.proc.poll() is None, agent.log()
+    started = time.monotonic()
+    assert agent.terminate(timeout=10) == 0, agent.log()
+    assert time.monotonic() - started < 3
+    assert "Traceback" not in agent.log()
+
+
 # -- a Redis that dies right after a PUBLISH ----------------------------------------------------
 
 

@@ -108,3 +108,31 @@ def test_pending_after_a_crash(tmp_path):
     running, queued = second.pending()
     assert [r["command_id"] for r in running] == ["b"]
     assert [r["command_id"] for r in queued] == ["a", "c"]
+
+
+def test_finish_never_overwrites_an_answered_row(store):
+    """A second agent on the same database answered the first's running command "interrupted":
+    the first one's finish must then change nothing and queue nothing (one answer per command)."""
+    store.accept("c1", "docker_restart", {})
+    assert store.claim("c1")
+    assert store.finish("c1", "error", None, "interrupted", 0, message("c1"))
+    before = store.get("c1")
+    assert not store.finish("c1", "success", "grafana", None, 3000, message("c1"))
+    assert store.get("c1") == before
+    assert store.counts()["outbox"] == 1
+    store.accept("c2", "echo", {})  # queued, never claimed: not finished either
+    assert not store.finish("c2", "success", "hi", None, 1, message("c2"))
+    assert store.get("c2")["state"] == "queued" and store.counts()["outbox"] == 1
+
+
+def test_refuse_answers_a_queued_row_only(store):
+    store.accept("c1", "docker_restart", {"container_name": "gone"})
+    assert store.refuse("c1", "container 'gone' is not whitelisted", message("c1"))
+    row = store.get("c1")
+    assert (row["state"], row["status"], row["error"], row["started_at"]) == \
+        ("done", "error", "container 'gone' is not whitelisted", None)  # refused: never counted as run
+    assert not store.refuse("c1", "again", message("c1"))
+    store.accept("c2", "echo", {})
+    store.claim("c2")
+    assert not store.refuse("c2", "no", message("c2"))
+    assert store.get("c2")["state"] == "running" and store.counts()["outbox"] == 1
