@@ -1256,7 +1256,11 @@ class Heartbeat(Loop):
         if self.stop.is_set():  # a stop that came just before the clear: no "online" after it
             return
         self.agent.audit.report_suppressed()
-        self.beat("online")
+        # "online" means commands are heard: only while Redis has confirmed the subscription.
+        # Until then nothing is written (not even to a Redis that accepts the connection but
+        # does not answer yet: it would run the write later); the listener wakes us once it is.
+        if self.agent.redis_connected.is_set():
+            self.beat("online")
         self.agent.heartbeat_now.wait(self.config.heartbeat_interval)
 
     def beat(self, status: str) -> None:

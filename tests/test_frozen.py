@@ -108,3 +108,70 @@ def test_probe_refused_by_an_acl_disables_the_self_check_instead_of_reconnecting
     wait_for(lambda: listener.probes_refused, 10, message="the refused probe to be noticed")
     assert backend.call("echo", {"message": "still served"})["output"] == "still served"
     assert agent.listener is listener and listener.pubsub is pubsub, "a refused probe must not tear down"
+
+
+def registry_and_subscribers(server, agent_id: str):
+    """The registry's status and the command channel's subscriber count at one instant."""
+    pipe = server.client(socket_timeout=0.5).pipeline(transaction=True)
+    pipe.hget(f"agents:{agent_id}", "status")
+    pipe.pubsub_numsub(f"cockpit-agent:{agent_id}")
+    status, subscribers = pipe.execute()
+    return status, subscribers[0][1]
+
+
+def test_online_in_the_registry_only_once_the_listener_hears(redis_server, agent_env, config_from):
+    """A Redis that accepts TCP but does not answer yet (SIGSTOP) at the agent's start: the
+    heartbeat wrote status=online anyway (Redis ran the write once it thawed), about 10 s before
+    the listener could hear a command."""
+    from agent import Agent
+
+    agent_id = agent_env["AGENT_ID"]
+    redis_server.pause()
+    agent = Agent(config_from(agent_env))
+    agent.start()
+    seen, wrong, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                status, subscribers = registry_and_subscribers(redis_server, agent_id)
+            except Exception:
+                continue  # frozen
+            seen.append(status)
+            if status == b"online" and subscribers < 1:
+                wrong.append(subscribers)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stop.wait(5)
+        redis_server.resume()
+        wait_for(lambda: b"online" in seen, 30, message="the registry to say online")
+        assert agent.redis_connected.is_set()
+        stop.wait(3)
+        assert not wrong, f"the registry said online while nobody was subscribed ({len(wrong)} times)"
+    finally:
+        stop.set()
+        watcher.join(5)
+        agent.stop_requested.set()
+        agent.shutdown()
+
+
+def test_no_online_in_the_registry_while_the_listener_cannot_subscribe(redis_server, agent_env, config_from):
+    """A Redis user that may write the registry but not SUBSCRIBE: the heartbeat said online
+    all along, to a backend whose commands nobody heard."""
+    from agent import Agent
+
+    redis_server.client().execute_command("ACL", "SETUSER", "agent", "on", ">agent-pw-7731", "~*", "&*",
+                                          "+@all", "-subscribe")
+    env = {**agent_env, "REDIS_USERNAME": "agent", "REDIS_PASSWORD": "agent-pw-7731"}
+    agent = Agent(config_from(env))
+    agent.start()
+    try:
+        wait_for(lambda: agent.listener.failing_since is not None, 15, message="the listener to fail to subscribe")
+        agent.stop_requested.wait(2 * agent.config.heartbeat_interval)  # heartbeats would have gone out meanwhile
+        status, subscribers = registry_and_subscribers(redis_server, agent_env["AGENT_ID"])
+        assert subscribers == 0 and status != b"online"
+    finally:
+        agent.stop_requested.set()
+        agent.shutdown()
