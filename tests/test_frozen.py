@@ -57,8 +57,7 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     stuck = agent.listener
     release = threading.Event()
     # Fault: the listener blocks forever inside a call (as a hung library call would).
-    stuck.intake.handle = lambda data: release.wait(60)
-    backend.send("echo", {"message": "swallowed by the stuck listener"})
+    stuck._readable = lambda wait: release.wait(60)
     try:
         wait_for(lambda: agent.listener is not stuck, 20, message="the watchdog to replace the listener")
         assert agent.listeners_replaced == 1
@@ -70,6 +69,27 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
     assert agent.redis_connected.is_set(), "the old thread's exit must not mark the new one disconnected"
     assert agent.listener.is_alive()
+
+
+def test_a_stuck_intake_thread_is_replaced(running_agent, redis_server, make_backend):
+    """The listener only reads; the intake thread accepts. One stuck in a call is replaced by a
+    fresh one with its own Store, and the subscription is left alone."""
+    agent = running_agent(LISTENER_STALL_TIMEOUT=3)
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub, stuck = agent.listener, agent.listener.pubsub, agent.intake_loop
+    release = threading.Event()
+    stuck.intake.handle = lambda data: release.wait(60)  # the fault: a call that never returns
+    backend.send("echo", {"message": "swallowed by the stuck intake"})
+    try:
+        wait_for(lambda: agent.intake_loop is not stuck, 20, message="the watchdog to replace the intake")
+        assert backend.call("echo", {"message": "new intake"}, timeout=20)["output"] == "new intake"
+        assert agent.intake_loop.store is not stuck.store
+        assert agent.listener is listener and listener.pubsub is pubsub, "the subscription was not touched"
+    finally:
+        release.set()
+    wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
+    assert agent.intake_loop.is_alive()
+    assert backend.call("echo", {"message": "still"}, timeout=10)["output"] == "still"
 
 
 def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, make_backend):
@@ -155,6 +175,28 @@ def test_online_in_the_registry_only_once_the_listener_hears(redis_server, agent
         watcher.join(5)
         agent.stop_requested.set()
         agent.shutdown()
+
+
+def test_a_frozen_redis_keeps_the_subscription_and_the_first_command_after_the_thaw_is_answered(
+        running_agent, redis_server, make_backend):
+    """Frozen past the listener's silence limit (6 s here), the old listener tore the subscription
+    down and was between connections at the thaw: a command published at once was lost. A
+    frozen server keeps its connections and delivers on them once it thaws."""
+    agent = running_agent()  # HEARTBEAT_INTERVAL=2, REDIS_SOCKET_TIMEOUT=2
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub = agent.listener, agent.listener.pubsub
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+    message = backend.message("echo", {"message": "at the thaw"})
+    redis_server.pause()
+    try:
+        wait_for(lambda: not agent.redis_connected.is_set(), 20, message="the agent to notice the frozen server")
+        time.sleep(3)  # the fault: frozen for longer (the listener checks once more meanwhile)
+    finally:
+        redis_server.resume()
+    assert backend.publish(message) == 1, "nobody subscribed at the thaw"
+    assert backend.wait(message["command_id"], 15)["output"] == "at the thaw"
+    assert agent.listener is listener and listener.pubsub is pubsub, "the subscription was torn down"
+    wait_for(agent.redis_connected.is_set, 15, message="the agent to be online again")
 
 
 def test_no_online_in_the_registry_while_the_listener_cannot_subscribe(redis_server, agent_env, config_from):
