@@ -82,3 +82,15 @@ def test_redis_closing_the_subscription_is_logged_and_counted(running_agent, mak
     assert backend.call("echo", {"message": "after the loss"})["output"] == "after the loss"
     assert agent.listener is listener and listener.pubsub is pubsub  # redis-py's own reconnection
     assert subscription_lost(port) == 1
+
+
+def test_messages_are_not_turned_into_redis_py_debug_lines(running_agent, make_backend, caplog):
+    """redis-py's default RESP3 push handler builds "Push response: " + str(message) for every
+    message, whatever the log level: ~0.25 ms per 64 KiB, the listener's biggest cost in a burst
+    (and the whole message, unescaped, in a debug log). The subscription handles them as they are."""
+    agent = running_agent()
+    backend = make_backend(agent.config.agent_id)
+    caplog.set_level(logging.DEBUG, logger="push_response")
+    assert backend.call("echo", {"message": "quiet"})["output"] == "quiet"
+    # The backend fixture's own subscription (to the responses) keeps redis-py's handler: only commands count.
+    assert not [r for r in caplog.records if r.name == "push_response" and '"command"' in r.getMessage()]
