@@ -3,7 +3,7 @@
 
 A message's whole path, in call order:
 
-    Listener.loop_once -> Intake.handle -> Store.accept (commands row) -> queue
+    Listener.loop_once -> Inbox -> IntakeLoop.loop_once -> Intake.handle_many -> Store.accept (commands row) -> queue
     -> Worker.loop_once -> handlers.execute -> Store.finish (outbox row)
     -> Flusher.loop_once -> PUBLISH (and SET of the result key)
 
@@ -646,15 +646,120 @@ def _more(count: int, what: str) -> str:
     return f" ({count} more {what})" if count else ""
 
 
+class Inbox:
+    """Raw messages the listener has read and the intake thread has not taken yet.
+
+    Bounded in bytes (LISTENER_BUFFER_BYTES), not in messages: when it is full the listener
+    stops reading and Redis holds the rest (up to its client-output-buffer-limit pubsub), as
+    it did before reading and handling were split. One message always gets in, however big.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._messages: deque[bytes] = deque()
+        lock = threading.Lock()
+        self._arrived = threading.Condition(lock)
+        self._room = threading.Condition(lock)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def _full_for(self, data: bytes) -> bool:
+        return bool(self._messages) and self.bytes + len(data) > self.max_bytes
+
+    def put(self, data: bytes, wait: float, force: bool = False) -> bool:
+        """Add ``data``, waiting up to ``wait`` s for room; False if there was none.
+        ``force`` adds it regardless (a stopping listener drops nothing it has read)."""
+        with self._room:
+            if not force and self._full_for(data):
+                self._room.wait(wait)
+                if self._full_for(data):
+                    return False
+            self._messages.append(data)
+            self.bytes += len(data)
+            self._arrived.notify()
+        return True
+
+    def take(self, limit: int, wait: float) -> list[bytes]:
+        """Up to ``limit`` messages in arrival order, waiting up to ``wait`` s for the first."""
+        with self._arrived:
+            if not self._messages and wait > 0:
+                self._arrived.wait(wait)
+            batch = []
+            while self._messages and len(batch) < limit:
+                data = self._messages.popleft()
+                self.bytes -= len(data)
+                batch.append(data)
+            if batch:
+                self._room.notify()
+        return batch
+
+    def wake(self) -> None:
+        """End a ``take`` that waits (a stop)."""
+        with self._arrived:
+            self._arrived.notify_all()
+
+
+class IntakeLoop(Loop):
+    """Takes what the listener read, everything buffered (up to ``group_max``) as one group,
+    and hands it to its Intake: one transaction per group. Owns the Intake and its Store.
+
+    A thread of its own so that the subscription is read while a group is parsed, checked and
+    committed: a listener that did that itself left its socket unread meanwhile, Redis's
+    buffer for it overflowed in a burst, and Redis closed the subscription with all it held.
+    """
+
+    group_max = 200  # messages accepted in one transaction, at most
+
+    def setup(self) -> None:
+        self.inbox = self.agent.inbox
+        self.store = self.agent.open_store()
+        # The client only answers when the database cannot be written; it connects on that first use.
+        self.intake = Intake(self.agent, self.store, self.agent.redis)
+
+    def loop_once(self) -> None:
+        batch = self.inbox.take(self.group_max, 0.5)
+        if batch:
+            self.intake.handle_many(batch)
+
+    def teardown(self) -> None:
+        try:
+            # A graceful stop (Agent.shutdown stops the listener first): what it read is still
+            # accepted, since pub/sub never delivers it again. Not by a thread the watchdog
+            # replaced: the inbox is its successor's.
+            while self.agent.intake_loop is self:
+                batch = self.inbox.take(self.group_max, 0)
+                if not batch:
+                    break
+                self.intake.handle_many(batch)
+        finally:
+            self.intake.publisher.close()
+            self.store.close()
+
+
+def _as_pushed(response: Any) -> Any:
+    """The subscription's handler of RESP3 push messages (every message on it): the message as
+    it came. redis-py's default handler builds a debug line of every message, ``str()`` of its
+    bytes, even where debug logging is off: a quarter of a millisecond for each of 64 KiB."""
+    return response
+
+
 class Listener(Loop):
-    """Subscribes to the command channel and hands every message to the Intake."""
+    """Reads the command channel and puts every command on the inbox for the intake thread.
+
+    It does nothing else with a command, so that it reads as fast as Redis writes. Probes,
+    PONGs, the liveness checks and the subscription's confirmation are handled here.
+    """
 
     liveness_message = b"cockpit-agent-liveness"
-    group_max = 200  # messages accepted in one transaction, at most
     # Its reconnect is what sends the backlog out once Redis is back (it wakes the flusher),
     # so while Redis cannot be reached it tries again every 0.5-1 s, not every 2.5-5 s: each
     # try is then one refused TCP connect, and the jitter spreads a fleet's reconnects.
     reconnect_cap = 1.0
+    # Bytes per recv() on the subscription (redis-py's default is 64 KiB): a burst is read in
+    # fewer, larger reads.
+    socket_read_size = 1024 * 1024
 
     def setup(self) -> None:
         self.client = self.config.redis_client()
@@ -663,44 +768,62 @@ class Listener(Loop):
         # and would bring back the loss _next_message prevents, so these connections keep it
         # (redis-py swaps _RESP2Parser for its RESP3 twin when it speaks RESP3, its default).
         self.client.connection_pool.connection_kwargs["parser_class"] = PythonParser
-        self.store = self.agent.open_store()
-        self.intake = Intake(self.agent, self.store, self.client)
+        self.client.connection_pool.connection_kwargs["socket_read_size"] = self.socket_read_size
+        self.inbox = self.agent.inbox
         self.pubsub: redis.client.PubSub | None = None
         self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
         self.probes_refused = False
         self.confirm_nonce: str | None = None  # the PING that confirms a new subscription
         self.confirm_sent_at = 0.0
+        self.confirmed = False  # Redis has confirmed the current subscription once
+        self.silenced = False  # silent past the limit, the subscription kept (see _check_liveness)
+        self.last_check = 0.0
+        self.reconnects = self.reconnects_seen = 0  # by redis-py, on its own (see _reconnected)
+
+    @property
+    def intake(self) -> Intake:
+        """The Intake the commands read here go to (the intake thread's)."""
+        return self.agent.intake_loop.intake
 
     def teardown(self) -> None:
         self._close()
-        self.intake.publisher.close()
-        self.store.close()
 
     def _close(self) -> None:
         if self.pubsub is not None:
             try:
+                if self.pubsub.connection is not None:
+                    # The connection goes back to the pool, for other commands.
+                    self.pubsub.connection.deregister_connect_callback(self._reconnected)
                 self.pubsub.close()
             except Exception:
                 pass
             self.pubsub = None
 
     def _subscribe(self) -> None:
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_pushed)
         self.pubsub.subscribe(self.config.command_channel)
+        # Connected now: any later connect of this connection is redis-py's own reconnection.
+        self.pubsub.connection.register_connect_callback(self._reconnected)
+        self.reconnects_seen = self.reconnects
+        now = time.monotonic()
+        self.confirmed = self.silenced = False
+        self._confirm(now)
+        self.last_pong = self.last_ping = now
+        self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
+
+    def _confirm(self, now: float) -> None:
         # "online" must mean that commands are really heard. redis-py 8 counts a SUBSCRIBE as
         # done once it is sent, so a PING follows it on the same connection: Redis answers in
         # order, and its PONG is read by loop_once like any message (a command that arrives
         # before it is accepted as usual), which then calls _online.
-        now = time.monotonic()
         self.confirm_nonce = f"cockpit-agent-subscribed-{random.getrandbits(64):016x}"
         self.confirm_sent_at = now
         self.pubsub.ping(self.confirm_nonce)
-        self.last_pong = self.last_ping = now
-        self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
 
     def _online(self) -> None:
         """Redis confirmed the subscription: say so, and send what waits."""
         self.confirm_nonce = None
+        self.confirmed = True
         self.log.info("subscribed to %s", self.config.command_channel)
         self.agent.redis_connected.set()
         self.agent.heartbeat_now.set()
@@ -718,32 +841,46 @@ class Listener(Loop):
         # Half a second: how long a stop waits for this thread, at two idle wake-ups a second.
         message = self._next_message(0.5)
         now = time.monotonic()
+        if self.reconnects != self.reconnects_seen:
+            self._subscription_lost(now)
         if message is not None:
             self.last_pong = now  # any traffic proves the connection lives
+            if self.silenced:
+                self.silenced = False
+                self.log.info("Redis answers on the subscription again")
+                self._confirm(now)
             if message["type"] == "message":
-                # What else has already arrived is accepted with it, in one transaction.
-                batch = [message["data"]]
-                try:
-                    while len(batch) < self.group_max and self._buffered():
-                        more = self._next_message(0)
-                        if more is None:
-                            break
-                        if more["type"] == "message":
-                            batch.append(more["data"])
-                        else:
-                            self._other(more)
-                except Exception:
-                    # E.g. the connection broke behind messages already read: they are accepted
-                    # first (pub/sub never delivers them again), then the error is handled.
-                    self._accept(batch, now)
-                    raise
-                self._accept(batch, now)
+                self._received(message["data"], now)
             else:
                 self._other(message)
         if self.confirm_nonce is not None and now - self.confirm_sent_at > self.config.redis_socket_timeout:
-            raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
+            if not self.confirmed:
+                raise redis.TimeoutError("no confirmation of SUBSCRIBE from Redis")
+            self.confirm_nonce = None  # a kept subscription, silent again: _check_liveness goes on
         self._check_liveness(now)
-        self._check_subscription(time.monotonic())
+        if self.confirm_nonce is None and not self.silenced:
+            self._check_subscription(time.monotonic())
+
+    def _received(self, data: bytes, now: float) -> None:
+        """A message on the command channel: a probe of ours, or a command for the intake."""
+        if data.startswith(PROBE_PREFIX):
+            self._probe_received(data)
+            return
+        # A message heard proves the subscription; a probe queued behind a flood of
+        # commands must not be taken for a lost one (reconnecting would drop some).
+        self.probe_sent_at, self.probe_nonce = now, None
+        if not self.inbox.put(data, 0.5):
+            self._wait_for_room(data)
+
+    def _wait_for_room(self, data: bytes) -> None:
+        """The inbox is full: read nothing more (Redis holds the rest) until the intake has
+        taken enough. A stop lets the message in regardless: nothing read may be dropped."""
+        self.log.warning("%d bytes read and not yet accepted (LISTENER_BUFFER_BYTES=%d): reading paused",
+                         self.inbox.bytes, self.inbox.max_bytes)
+        while not self.inbox.put(data, 0.5, force=self.stop.is_set()):
+            self.last_progress = time.monotonic()  # waiting for the intake thread, not stuck
+        # Not reading was our choice, not Redis's silence.
+        self.last_pong = self.probe_sent_at = time.monotonic()
 
     def _next_message(self, wait: float) -> dict[str, Any] | None:
         """The next message from the subscription: waits up to ``wait`` s for one to start
@@ -767,8 +904,7 @@ class Listener(Loop):
 
     def _buffered(self) -> bool | None:
         """Has redis-py read bytes of a message it has not returned yet? None if its parser
-        is not the pure-Python one this knows. No system call: a burst arrives in large reads,
-        so a group of messages ends where a read ends."""
+        is not the pure-Python one this knows. No system call."""
         buffer = getattr(getattr(self.pubsub.connection, "_parser", None), "_buffer", None)
         if not hasattr(buffer, "unread_bytes"):
             return None
@@ -786,27 +922,84 @@ class Listener(Loop):
         poller.register(sock, select.POLLIN)
         return bool(poller.poll(wait * 1000))
 
-    def _accept(self, batch: list[bytes], now: float) -> None:
-        commands = []
-        for data in batch:
-            if data.startswith(PROBE_PREFIX):
-                self._probe_received(data)
-            else:
-                commands.append(data)
-        if commands:
-            # A message heard proves the subscription; a probe queued behind a flood of
-            # commands must not be taken for a lost one (reconnecting would drop some).
-            self.probe_sent_at, self.probe_nonce = now, None
-            self.intake.handle_many(commands)
-
     def _check_liveness(self, now: float) -> None:
-        """A connection that neither answers nor closes (a frozen server) is torn down."""
+        """A connection that neither answers nor closes: a frozen server, or a broken connection.
+
+        While it is silent the agent is not online. The subscription is torn down only if Redis
+        answers on another connection: a frozen redis-server keeps its connections and, once it
+        thaws, delivers on them everything published meanwhile, which a new subscription made
+        at that moment would miss. A dead peer whose connection never closes is left to TCP
+        keepalive and TCP_USER_TIMEOUT (config.redis_kwargs), which close it within ~25 s.
+        """
         silent = now - self.last_pong
-        if silent > 2 * self.liveness_interval + self.config.redis_socket_timeout:
-            raise redis.ConnectionError(f"no answer from Redis on the subscription for {silent:.0f} s")
+        if (silent > 2 * self.liveness_interval + self.config.redis_socket_timeout
+                and now - self.last_check >= self.liveness_interval):
+            self.last_check = now
+            if not self.silenced:
+                self.silenced = True
+                if self.agent.listener is self:
+                    self.agent.redis_connected.clear()
+                self.log.warning("no answer from Redis on the subscription for %.0f s; "
+                                 "asking on another connection whether Redis lives", silent)
+            # Answered there, and still nothing here (even a moment later: a server that thaws
+            # answers both): the subscription's connection is the broken one.
+            if self._server_answers() and not self._readable(1.0):
+                raise redis.ConnectionError(f"no answer from Redis on the subscription for {silent:.0f} s, "
+                                            "while it answers on another connection")
         if now - self.last_ping >= self.liveness_interval:
             self.pubsub.ping(self.liveness_message)
             self.last_ping = now
+
+    def _server_answers(self) -> bool:
+        """Does Redis answer a PING on a new connection of its own, with short timeouts? Through
+        the sentinels if there are any: after a failover, that is the new master."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        timeout = min(2.0, self.config.redis_socket_timeout)
+        client = self.config.redis_client(socket_timeout=timeout, socket_connect_timeout=timeout,
+                                          retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        try:
+            client.ping()
+            return True
+        except (redis.AuthenticationError, redis.ResponseError):
+            return True  # it answered, if only to refuse
+        except REDIS_DOWN:
+            return False
+        finally:
+            client.connection_pool.disconnect()
+
+    def _reconnected(self, connection: Any) -> None:
+        """redis-py's connect callback on the subscription's connection (registered once it is
+        up): redis-py made it again by itself, inside a read or a PING, and subscribed again.
+        Only counted here, inside redis-py's call; loop_once acts on it."""
+        self.reconnects += 1
+
+    def _subscription_lost(self, now: float) -> None:
+        """The old connection was closed (by Redis, or the network broke it): what was published
+        meanwhile, and what Redis still held for it, is gone although PUBLISH counted us."""
+        self.reconnects_seen = self.reconnects
+        if self.agent.metrics is not None:
+            self.agent.metrics.subscription_lost.inc()
+        self.log.error("Redis closed the subscription connection (redis-py connected and subscribed again); "
+                       "commands published meanwhile are lost. If this happened during a burst, raise "
+                       "client-output-buffer-limit pubsub on the Redis server (now: %s)", self._pubsub_limit())
+        if self.agent.listener is self:
+            self.agent.redis_connected.clear()
+        self.confirmed = self.silenced = False
+        self._confirm(now)  # online again once Redis confirms the new subscription
+
+    def _pubsub_limit(self) -> str:
+        """Redis's client-output-buffer-limit for pub/sub clients (hard, soft, seconds)."""
+        try:
+            value = self.client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")
+        except redis.RedisError:  # an ACL without CONFIG, or a renamed CONFIG
+            value = ""
+        words = (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).split()
+        for i, word in enumerate(words[:-3]):
+            if word == "pubsub" and all(w.isdigit() for w in words[i + 1:i + 4]):
+                return " ".join(words[i + 1:i + 4])
+        return "unknown: CONFIG GET was refused; the default is 32mb 8mb 60"
 
     def on_error(self, exc: Exception) -> None:
         if self.agent.listener is self:  # an abandoned listener must not speak for its replacement
@@ -829,10 +1022,11 @@ class Listener(Loop):
         if self.probe_nonce is not None:
             if now - self.probe_sent_at > self.liveness_interval + self.config.redis_socket_timeout:
                 self.probe_nonce = None
-                raise redis.ConnectionError(
-                    f"subscription to {self.config.command_channel} is not live: "
-                    f"our own probe did not come back within {now - self.probe_sent_at:.0f} s"
-                )
+                if self._server_answers():  # else frozen since the PUBLISH: _check_liveness judges
+                    raise redis.ConnectionError(
+                        f"subscription to {self.config.command_channel} is not live: "
+                        f"our own probe did not come back within {now - self.probe_sent_at:.0f} s"
+                    )
             return
         if now - self.probe_sent_at < interval:
             return
@@ -845,6 +1039,9 @@ class Listener(Loop):
         except redis.ResponseError as exc:  # e.g. an ACL without PUBLISH on the command channel
             self.log.warning("subscription self-check disabled: Redis refused the probe (%s)", exc)
             self.probes_refused, self.probe_nonce = True, None
+            return
+        except REDIS_DOWN:  # frozen or unreachable: no sign against the subscription; _check_liveness judges
+            self.probe_nonce = None
             return
         if receivers == 0:
             self.probe_nonce = None
@@ -953,16 +1150,35 @@ PROBE_EVERY = 3  # liveness intervals between two subscription self-checks
 
 
 class Watchdog(Loop):
-    """Replaces a listener thread that stopped looping (blocked in a call that never returns).
+    """Replaces a listener or intake thread that stopped looping (blocked in a call that never
+    returns).
 
     A listener iteration takes at most a few seconds (a 1 s read, a PING, a reconnect bounded
-    by socket timeouts); one silent for LISTENER_STALL_TIMEOUT s is stuck. The stuck thread is
-    told to stop and its sockets are closed; a fresh Listener takes over the subscription.
+    by socket timeouts), an intake iteration one group; one silent for LISTENER_STALL_TIMEOUT s
+    is stuck. A stuck listener is told to stop and its sockets are closed; a fresh Listener
+    takes over the subscription. A stuck intake is told to stop (it ends once its call returns);
+    a fresh one, with its own Store, takes over the inbox.
     """
 
     def loop_once(self) -> None:
         self.check()
+        self.check_intake()
         self.stop.wait(1.0)
+
+    def check_intake(self) -> bool:
+        """Replace the intake thread if it stalled; True if it did."""
+        intake = self.agent.intake_loop
+        if not intake.is_alive():
+            return False
+        stalled = time.monotonic() - intake.last_progress
+        if stalled < self.config.listener_stall_timeout:
+            return False
+        self.log.critical("the intake made no progress for %.0f s; replacing it", stalled)
+        intake.stop.set()
+        replacement = IntakeLoop("intake", self.agent)
+        replacement.start()  # before it is published: Agent.run stops the agent on a thread not alive
+        self.agent.intake_loop = replacement
+        return True
 
     def check(self) -> bool:
         """Replace the listener if it stalled; True if it did."""
@@ -1329,7 +1545,11 @@ class Heartbeat(Loop):
         if self.stop.is_set():  # a stop that came just before the clear: no "online" after it
             return
         self.agent.audit.report_suppressed()
-        self.beat("online")
+        # "online" means commands are heard: only while Redis has confirmed the subscription.
+        # Until then nothing is written (not even to a Redis that accepts the connection but
+        # does not answer yet: it would run the write later); the listener wakes us once it is.
+        if self.agent.redis_connected.is_set():
+            self.beat("online")
         self.agent.heartbeat_now.wait(self.config.heartbeat_interval)
 
     def beat(self, status: str) -> None:
@@ -1422,6 +1642,8 @@ class Agent:
         self.twin: str | None = None  # the other agent writing our registry hash, while there is one
         self.twin_unseen = 0
         self.pool = WorkerPool(self)
+        self.inbox = Inbox(config.listener_buffer_bytes)  # from the listener to the intake thread
+        self.intake_loop = IntakeLoop("intake", self)
         self.listener = Listener("listener", self)
         self.flusher = Flusher("flusher", self)
         self.heartbeat = Heartbeat("heartbeat", self)
@@ -1546,7 +1768,8 @@ class Agent:
 
     def threads(self) -> list[Loop]:
         optional = [self.stream_reader] if self.stream_reader is not None else []
-        return [*self.pool.workers, self.flusher, self.heartbeat, self.listener, self.watchdog, *optional]
+        return [*self.pool.workers, self.flusher, self.heartbeat, self.intake_loop, self.listener, self.watchdog,
+                *optional]
 
     def start(self) -> bool:
         """Lock the database, recover, then start every thread (workers first, the listener last).
@@ -1560,6 +1783,7 @@ class Agent:
         self.pool.start()
         self.flusher.start()
         self.heartbeat.start()
+        self.intake_loop.start()
         self.listener.start()
         self.watchdog.start()
         if self.stream_reader is not None:
@@ -1682,6 +1906,12 @@ class Agent:
             self.children.kill_all()
             log.warning("second signal: stopping at once; unfinished work stays in %s", self.config.outbox_db)
             return 1
+        # What the listener read is accepted before the last flush: once the listener has
+        # stopped reading, the intake thread takes everything left in the inbox as it stops.
+        self.listener.join(5.0)
+        self.intake_loop.stop.set()
+        self.inbox.wake()
+        self.intake_loop.join(10.0)
         self.flush_now()
         store = self.open_store()
         try:

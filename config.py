@@ -28,6 +28,18 @@ VERSION = "1.0.0"
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,199}$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# A peer that is gone without closing (a dead host, a NAT that forgot the connection) is found
+# by the kernel: probes after 10 s idle, every 5 s, 3 missed close it (~25 s). Keepalive only
+# probes an idle connection; the subscription always has a liveness PING in flight, so
+# TCP_USER_TIMEOUT closes one whose data stays unacknowledged for 25 s. A frozen redis-server's
+# kernel still acknowledges both: it is not closed (the listener keeps it, see
+# Listener._check_liveness). Options this system lacks are left out.
+KEEPALIVE_OPTIONS = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 25000))
+    if hasattr(socket, name)
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -65,6 +77,7 @@ class Config:
     result_ttl: int = 3600
     shutdown_grace: float = 20.0
     listener_stall_timeout: float = 60.0
+    listener_buffer_bytes: int = 256 * 1024 * 1024
     command_stream: bool = False
     git_bin: str = "git"
     docker_bin: str = "docker"
@@ -109,6 +122,7 @@ class Config:
             "socket_connect_timeout": 5.0,
             "socket_timeout": self.redis_socket_timeout,
             "socket_keepalive": True,
+            "socket_keepalive_options": KEEPALIVE_OPTIONS,
             "health_check_interval": 15,
             # The agent's own loops back off and reconnect; one immediate retry only
             # replaces a pooled connection that went stale while Redis restarted.
@@ -123,7 +137,7 @@ class Config:
             if parts.scheme == "unix":
                 # TCP keepalive has no meaning on a unix socket, and redis-py's unix connection
                 # refuses the keyword: every connection failed with a TypeError.
-                del kwargs["socket_keepalive"]
+                del kwargs["socket_keepalive"], kwargs["socket_keepalive_options"]
             if self.redis_ssl and parts.scheme == "redis":
                 # from_url takes no ssl=True: ask for the TLS connection class instead.
                 from redis.connection import SSLConnection
@@ -475,6 +489,7 @@ def load(env_file: str | None = None) -> Config:
         result_ttl=r.int("RESULT_TTL", 3600, 1),
         shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
         listener_stall_timeout=r.float("LISTENER_STALL_TIMEOUT", 60.0, 1.0),
+        listener_buffer_bytes=r.int("LISTENER_BUFFER_BYTES", 256 * 1024 * 1024, 1024 * 1024),
         command_stream=r.bool("COMMAND_STREAM", False),
         git_bin=r.str("GIT_BIN", "git"),
         docker_bin=r.str("DOCKER_BIN", "docker"),

@@ -86,6 +86,11 @@ class Metrics:
                                 ["command", "status"], registry=self.registry)
         self.duration = Histogram("cockpit_agent_command_duration_seconds", "How long commands took to run.",
                                   ["command"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.subscription_lost = Counter(
+            "cockpit_agent_subscription_lost",
+            "Times the command subscription's connection was closed under the agent (by Redis, e.g. past "
+            "client-output-buffer-limit pubsub, or by the network); what was published meanwhile was lost.",
+            registry=self.registry)
         self.registry.register(_Gauges(agent))
         self.server = None
 

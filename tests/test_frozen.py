@@ -57,8 +57,7 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     stuck = agent.listener
     release = threading.Event()
     # Fault: the listener blocks forever inside a call (as a hung library call would).
-    stuck.intake.handle = lambda data: release.wait(60)
-    backend.send("echo", {"message": "swallowed by the stuck listener"})
+    stuck._readable = lambda wait: release.wait(60)
     try:
         wait_for(lambda: agent.listener is not stuck, 20, message="the watchdog to replace the listener")
         assert agent.listeners_replaced == 1
@@ -70,6 +69,27 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
     assert agent.redis_connected.is_set(), "the old thread's exit must not mark the new one disconnected"
     assert agent.listener.is_alive()
+
+
+def test_a_stuck_intake_thread_is_replaced(running_agent, redis_server, make_backend):
+    """The listener only reads; the intake thread accepts. One stuck in a call is replaced by a
+    fresh one with its own Store, and the subscription is left alone."""
+    agent = running_agent(LISTENER_STALL_TIMEOUT=3)
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub, stuck = agent.listener, agent.listener.pubsub, agent.intake_loop
+    release = threading.Event()
+    stuck.intake.handle = lambda data: release.wait(60)  # the fault: a call that never returns
+    backend.send("echo", {"message": "swallowed by the stuck intake"})
+    try:
+        wait_for(lambda: agent.intake_loop is not stuck, 20, message="the watchdog to replace the intake")
+        assert backend.call("echo", {"message": "new intake"}, timeout=20)["output"] == "new intake"
+        assert agent.intake_loop.store is not stuck.store
+        assert agent.listener is listener and listener.pubsub is pubsub, "the subscription was not touched"
+    finally:
+        release.set()
+    wait_for(lambda: not stuck.is_alive(), 15, message="the stuck thread to end once released (no zombie)")
+    assert agent.intake_loop.is_alive()
+    assert backend.call("echo", {"message": "still"}, timeout=10)["output"] == "still"
 
 
 def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, make_backend):
@@ -108,3 +128,92 @@ def test_probe_refused_by_an_acl_disables_the_self_check_instead_of_reconnecting
     wait_for(lambda: listener.probes_refused, 10, message="the refused probe to be noticed")
     assert backend.call("echo", {"message": "still served"})["output"] == "still served"
     assert agent.listener is listener and listener.pubsub is pubsub, "a refused probe must not tear down"
+
+
+def registry_and_subscribers(server, agent_id: str):
+    """The registry's status and the command channel's subscriber count at one instant."""
+    pipe = server.client(socket_timeout=0.5).pipeline(transaction=True)
+    pipe.hget(f"agents:{agent_id}", "status")
+    pipe.pubsub_numsub(f"cockpit-agent:{agent_id}")
+    status, subscribers = pipe.execute()
+    return status, subscribers[0][1]
+
+
+def test_online_in_the_registry_only_once_the_listener_hears(redis_server, agent_env, config_from):
+    """A Redis that accepts TCP but does not answer yet (SIGSTOP) at the agent's start: the
+    heartbeat wrote status=online anyway (Redis ran the write once it thawed), about 10 s before
+    the listener could hear a command."""
+    from agent import Agent
+
+    agent_id = agent_env["AGENT_ID"]
+    redis_server.pause()
+    agent = Agent(config_from(agent_env))
+    agent.start()
+    seen, wrong, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                status, subscribers = registry_and_subscribers(redis_server, agent_id)
+            except Exception:
+                continue  # frozen
+            seen.append(status)
+            if status == b"online" and subscribers < 1:
+                wrong.append(subscribers)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stop.wait(5)
+        redis_server.resume()
+        wait_for(lambda: b"online" in seen, 30, message="the registry to say online")
+        assert agent.redis_connected.is_set()
+        stop.wait(3)
+        assert not wrong, f"the registry said online while nobody was subscribed ({len(wrong)} times)"
+    finally:
+        stop.set()
+        watcher.join(5)
+        agent.stop_requested.set()
+        agent.shutdown()
+
+
+def test_a_frozen_redis_keeps_the_subscription_and_the_first_command_after_the_thaw_is_answered(
+        running_agent, redis_server, make_backend):
+    """Frozen past the listener's silence limit (6 s here), the old listener tore the subscription
+    down and was between connections at the thaw: a command published at once was lost. A
+    frozen server keeps its connections and delivers on them once it thaws."""
+    agent = running_agent()  # HEARTBEAT_INTERVAL=2, REDIS_SOCKET_TIMEOUT=2
+    backend = make_backend(agent.config.agent_id)
+    listener, pubsub = agent.listener, agent.listener.pubsub
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+    message = backend.message("echo", {"message": "at the thaw"})
+    redis_server.pause()
+    try:
+        wait_for(lambda: not agent.redis_connected.is_set(), 20, message="the agent to notice the frozen server")
+        time.sleep(3)  # the fault: frozen for longer (the listener checks once more meanwhile)
+    finally:
+        redis_server.resume()
+    assert backend.publish(message) == 1, "nobody subscribed at the thaw"
+    assert backend.wait(message["command_id"], 15)["output"] == "at the thaw"
+    assert agent.listener is listener and listener.pubsub is pubsub, "the subscription was torn down"
+    wait_for(agent.redis_connected.is_set, 15, message="the agent to be online again")
+
+
+def test_no_online_in_the_registry_while_the_listener_cannot_subscribe(redis_server, agent_env, config_from):
+    """A Redis user that may write the registry but not SUBSCRIBE: the heartbeat said online
+    all along, to a backend whose commands nobody heard."""
+    from agent import Agent
+
+    redis_server.client().execute_command("ACL", "SETUSER", "agent", "on", ">agent-pw-7731", "~*", "&*",
+                                          "+@all", "-subscribe")
+    env = {**agent_env, "REDIS_USERNAME": "agent", "REDIS_PASSWORD": "agent-pw-7731"}
+    agent = Agent(config_from(env))
+    agent.start()
+    try:
+        wait_for(lambda: agent.listener.failing_since is not None, 15, message="the listener to fail to subscribe")
+        agent.stop_requested.wait(2 * agent.config.heartbeat_interval)  # heartbeats would have gone out meanwhile
+        status, subscribers = registry_and_subscribers(redis_server, agent_env["AGENT_ID"])
+        assert subscribers == 0 and status != b"online"
+    finally:
+        agent.stop_requested.set()
+        agent.shutdown()
