@@ -15,6 +15,9 @@ _BRANCH_RE = re.compile(
     r"^(?![-/])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock(?:/|$))(?!.*[/.]$)[A-Za-z0-9._/-]{1,200}$"
 )
 DEFAULT_BRANCH = "main"
+# A path in an error is shown whole up to this length: an operator needs all of it to see
+# what was refused, and a test tree's or a deep checkout's paths pass 80 characters.
+PATH_PREVIEW = 300
 
 
 def check_branch(value: str) -> str:
@@ -41,23 +44,23 @@ def resolve_repository(value: str | None, config) -> str:
         value = allowed[0]
     if "\x00" in value or not os.path.isabs(value):
         raise NotAllowed(
-            f"repository_path {preview(value)} must be an absolute path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+            f"repository_path {preview(value, PATH_PREVIEW)} must be an absolute path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
         )
     try:
         real = os.path.realpath(value)
     except ValueError:  # not encodable as a file name (a lone surrogate from JSON)
         raise NotAllowed(
-            f"repository_path {preview(value)} is not a valid path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+            f"repository_path {preview(value, PATH_PREVIEW)} is not a valid path; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
         ) from None
     if real in allowed:
         return real
     if os.path.normpath(value) in allowed:
         raise NotAllowed(
-            f"repository_path {preview(value)} now resolves to {preview(real)}: it was replaced by a symlink "
+            f"repository_path {preview(value, PATH_PREVIEW)} now resolves to {preview(real, PATH_PREVIEW)}: it was replaced by a symlink "
             "or re-pointed since the agent started; not run (GIT_REPO_PATH is resolved at start)"
         )
     raise NotAllowed(
-        f"repository_path {preview(value)} is not whitelisted; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
+        f"repository_path {preview(value, PATH_PREVIEW)} is not whitelisted; allowed: {', '.join(allowed)} (GIT_REPO_PATH)"
     )
 
 
