@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import signal
 import stat
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from errors import NotAllowed, ValidationError
-from protocol import SIGNATURE_MAX_AGE, is_text, preview
+from protocol import SIGNATURE_MAX_AGE, is_text, preview, unix_seconds
 
 if TYPE_CHECKING:
     from config import Config
@@ -81,12 +80,8 @@ def answer_deadline(action: Action, timestamp: Any, received: float) -> Deadline
     """
     if action.argv is None or action.timeout is None:
         return None
-    number = isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
-    try:
-        sent = float(timestamp) if number else None
-    except OverflowError:  # 10**400 is a JSON number too
-        sent = None
-    if sent is None or not math.isfinite(sent):
+    sent = unix_seconds(timestamp)
+    if sent is None:
         start, origin = received, "its arrival (it has no usable timestamp)"
     elif sent > received:  # the agent's clock is behind, or the timestamp is made up
         start, origin = received, "its arrival (its timestamp is in the future)"

@@ -249,10 +249,23 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
     batch = [json_module.dumps({"command_id": "e1", "command": "echo"}).encode(),
              json_module.dumps({"command_id": "r1", "command": "reboot"}).encode(),
              json_module.dumps({"command_id": "g1", "command": "git_status"}).encode()]
+    real_accept = store.accept
+
+    def accept(command_id, *args, **kwargs):  # the group's transaction fails on its last message
+        if command_id == "g1" and len(accepted) == 2:
+            accepted.append(command_id)
+            raise sqlite3.OperationalError("disk I/O error")
+        accepted.append(command_id)
+        return real_accept(command_id, *args, **kwargs)
+
+    accepted: list[str] = []
+    monkeypatch.setattr(store, "accept", accept)
     intake.handle_many(batch)
-    assert sorted(audited) == ["e1", "r1"]  # once each; g1 failed inside the agent and was logged
+    assert accepted == ["e1", "r1", "g1", "e1", "r1", "g1"]  # the group rolled back, then one by one
+    assert sorted(audited) == ["e1", "g1", "r1"]  # once each; g1's handler bug is an error answer
     assert agent.executed == 1
-    assert store.get("e1")["state"] == "done" and store.get("g1") is None
+    assert store.get("e1")["state"] == "done"
+    assert "the agent failed to check 'git_status': RuntimeError: a bug in a handler" in store.get("g1")["error"]
     store.close()
 
 

@@ -312,9 +312,13 @@ def test_a_message_that_fails_unexpectedly_logs_one_traceback_a_minute(running_a
         pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps({"command_id": f"bug-{i}", "command": "x"}))
     pipe.execute()
     assert backend.call("echo", {"message": "after"})["output"] == "after"  # read after all 200
-    failures = [r for r in caplog.records if r.getMessage().startswith("could not handle a message")]
-    assert len(failures) == 1 and failures[0].exc_info is not None
-    assert agent.listener.intake._failed.count == 200  # all failed, one line for them all
+    # Each is answered with the failure (not silently dropped), and logged once for them all.
+    answer = backend.wait("bug-199")
+    assert answer["error"].startswith("the agent failed to check 'x': RuntimeError: a bug hit by every message")
+    # (Each is also one "refused" WARNING line, as every refusal: it cost a row and an answer.)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR and "failed to check" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    assert agent.listener.intake._check_failed.count == 200  # all failed, one line for them all
 
 
 # -- size before parsing ----------------------------------------------------------------------
