@@ -351,18 +351,23 @@ class Intake:
         self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # audit, metrics
         self._on_arrival = True  # this transaction's answers are published by this thread
+        self._read_at: list[float] | None = None  # see handle_many
+        self._received: float | None = None  # when the message being handled was read
         # Problems that come once per message, so one log line a minute each, with a count: a
         # full disk refuses every message, and a bug hit by a message is hit by all its copies.
         self._unwritable = Throttle(60.0)
         self._failed = Throttle(60.0)
         self._check_failed = Throttle(60.0)
 
-    def handle_many(self, batch: list[bytes]) -> None:
+    def handle_many(self, batch: list[bytes], read_at: list[float] | None = None) -> None:
         """Accept messages that arrived together in one transaction (one commit, not one each).
 
+        ``read_at``: when each was read off the subscription (unix s), if not just now; a
+        timeout without the backend's timestamp counts from then, not from after its wait.
         If anything in the group fails, nothing of it is kept and each message is handled again
         on its own, with the usual per-message error handling.
         """
+        self._read_at = read_at
         if len(batch) > 1:
             try:
                 self._accept(batch)
@@ -375,8 +380,10 @@ class Intake:
             else:
                 self._committed()
                 return
-        for data in batch:
+        for i, data in enumerate(batch):
+            self._read_at = None if read_at is None else read_at[i:i + 1]
             self.handle(data)
+        self._read_at = None
 
     def handle(self, data: bytes) -> bool:
         """Accept one message; never raises, so one bad message cannot stop the listener.
@@ -415,9 +422,12 @@ class Intake:
         next ``_accept`` clears)."""
         self._jobs, self._answers, self._after_commit = [], [], []
         self._on_arrival = len(batch) <= self.publish_on_arrival_max
+        read_at = self._read_at
         with self.store.immediate():
-            for data in batch:
+            for i, data in enumerate(batch):
+                self._received = read_at[i] if read_at is not None and i < len(read_at) else None
                 self._handle(data)
+        self._received = None
 
     def _committed(self) -> None:
         """What the last transaction recorded, now that it is committed: queue its jobs, publish
@@ -522,7 +532,7 @@ class Intake:
             if accepted.new:
                 # Nothing for the flusher yet: the worker wakes it once the response is written.
                 # Only pub/sub has a backend waiting; a stream command may wait for the agent.
-                deadline = answer_deadline(action, cmd.timestamp, time.time()) if self.via == "pubsub" else None
+                deadline = answer_deadline(action, cmd.timestamp, self._received or time.time()) if self.via == "pubsub" else None
                 self._jobs.append(Job(cmd.command_id, cmd.command, action, cmd.sender, cmd.params, deadline, plain))
                 self.log.info("%s: %s accepted from %s", cmd.command_id, cmd.command, cmd.sender or "?")
         if not accepted.new:
@@ -676,7 +686,7 @@ class Inbox:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._messages: deque[bytes] = deque()
+        self._messages: deque[tuple[bytes, float]] = deque()  # with when it was read (unix s)
         lock = threading.Lock()
         self._arrived = threading.Condition(lock)
         self._room = threading.Condition(lock)
@@ -695,21 +705,22 @@ class Inbox:
                 self._room.wait(wait)
                 if self._full_for(data):
                     return False
-            self._messages.append(data)
+            self._messages.append((data, time.time()))
             self.bytes += len(data)
             self._arrived.notify()
         return True
 
-    def take(self, limit: int, wait: float) -> list[bytes]:
-        """Up to ``limit`` messages in arrival order, waiting up to ``wait`` s for the first."""
+    def take(self, limit: int, wait: float) -> list[tuple[bytes, float]]:
+        """Up to ``limit`` messages in arrival order, each with when it was read, waiting up to
+        ``wait`` s for the first."""
         with self._arrived:
             if not self._messages and wait > 0:
                 self._arrived.wait(wait)
             batch = []
             while self._messages and len(batch) < limit:
-                data = self._messages.popleft()
+                data, read_at = self._messages.popleft()
                 self.bytes -= len(data)
-                batch.append(data)
+                batch.append((data, read_at))
             if batch:
                 self._room.notify()
         return batch
@@ -740,7 +751,7 @@ class IntakeLoop(Loop):
     def loop_once(self) -> None:
         batch = self.inbox.take(self.group_max, 0.5)
         if batch:
-            self.intake.handle_many(batch)
+            self.intake.handle_many([data for data, _ in batch], [read_at for _, read_at in batch])
 
     def teardown(self) -> None:
         try:
@@ -751,7 +762,7 @@ class IntakeLoop(Loop):
                 batch = self.inbox.take(self.group_max, 0)
                 if not batch:
                     break
-                self.intake.handle_many(batch)
+                self.intake.handle_many([data for data, _ in batch], [read_at for _, read_at in batch])
         finally:
             self.intake.publisher.close()
             self.store.close()

@@ -275,7 +275,7 @@ def test_messages_that_arrive_together_are_accepted_together(agent, backend, red
     sizes = []
     intake = agent.listener.intake
     handle_many = intake.handle_many
-    intake.handle_many = lambda batch: (sizes.append(len(batch)), handle_many(batch))
+    intake.handle_many = lambda batch, *rest: (sizes.append(len(batch)), handle_many(batch, *rest))
     client = redis_server.client()
     messages = [backend.message("echo", {"message": f"m{i}"}) for i in range(200)]
     pipe = client.pipeline(transaction=False)

@@ -80,14 +80,35 @@ def test_an_intake_stuck_after_its_replacement_stops_the_agent(running_agent, ma
     release = threading.Event()
     try:
         stuck = agent.intake_loop
-        stuck.intake.handle_many = lambda batch: release.wait(60)
+        stuck.intake.handle_many = lambda batch, *rest: release.wait(60)
         backend.send("echo", {"message": "swallowed"})
         wait_for(lambda: agent.intake_loop is not stuck, 20, message="the first replacement")
         wait_for(lambda: hasattr(agent.intake_loop, "intake"), 10, message="the replacement to start")
-        agent.intake_loop.intake.handle_many = lambda batch: release.wait(60)
+        agent.intake_loop.intake.handle_many = lambda batch, *rest: release.wait(60)
         backend.send("echo", {"message": "swallowed too"})
         wait_for(agent.unrecoverable.is_set, 20, message="the agent to give up on its intake")
         assert agent.stop_requested.is_set()
         assert agent.intakes_replaced == 1
     finally:
         release.set()
+
+
+def test_a_timeout_without_a_timestamp_counts_from_when_the_listener_read_it(agent_env, config_from):
+    """The listener reads, the intake thread accepts later (a burst ahead of it): a command
+    without the backend's timestamp has its timeout counted from the read, not from the accept."""
+    import json
+
+    from agent import Agent, Intake
+
+    agent = Agent(config_from({**agent_env, "DOCKER_TIMEOUT": "6"}))  # not started: driven by hand
+    store = agent.open_store()
+    try:
+        intake = Intake(agent, store, agent.redis)
+        read_at = time.time() - 4.0
+        message = {"command_id": "d1", "command": "docker_restart", "params": {"container_name": "web-1"}}
+        intake.handle_many([json.dumps(message).encode()], [read_at])
+        job = agent.queue.get_nowait()
+        assert job.command_id == "d1"
+        assert job.deadline.received == read_at and job.deadline.ends == read_at + 6
+    finally:
+        store.close()
