@@ -134,33 +134,45 @@ def test_responses_survive_a_flushed_script_cache(running_agent, make_backend, r
 def test_a_failing_group_is_handled_one_by_one(running_agent, make_backend):
     """If one message breaks its group's transaction, the others are still accepted, once each."""
     import json
+    import sqlite3
 
     agent = running_agent()
-    real = agent.registry
-
-    class Breaks:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def prepare(self, command, params, config):
-            if params.get("message") == "boom":
-                raise RuntimeError("boom")
-            return real.prepare(command, params, config)
-
-    agent.registry = Breaks()
     backend = make_backend(agent.config.agent_id)
-    messages = [backend.message("echo", {"message": "boom" if i == 20 else f"m{i}"}) for i in range(60)]
+    messages = [backend.message("echo", {"message": f"m{i}"}) for i in range(60)]
+    breaker, broken = messages[20]["command_id"].encode(), []
+    intake = agent.intake_loop.intake
+    real_accept = intake._accept
+
+    def accept(batch):  # the transaction of message 20's group fails, once
+        if len(batch) > 1 and any(breaker in data for data in batch) and not broken:
+            broken.append(len(batch))
+            with intake.store.immediate():
+                intake._handle(batch[0])  # something of the group is written, then rolled back
+                raise sqlite3.OperationalError("disk I/O error")
+        return real_accept(batch)
+
+    intake._accept = accept
+    real_take, inbox, waiting = agent.inbox.take, agent.inbox, threading.Event()
+
+    def take(limit, wait):  # the intake thread takes the burst once all of it was read: one group
+        if not waiting.is_set():
+            waiting.set()
+            wait_for(lambda: len(inbox) >= 60, 20, message="the whole burst read")
+        return real_take(limit, wait)
+
+    inbox.take = take
+    wait_for(waiting.is_set, 5, message="the intake thread to wait for the burst")
     pipe = backend.server.client().pipeline(transaction=False)
     for message in messages:
         pipe.publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message))
     pipe.execute()
-    wait_for(lambda: len(backend.responses) >= 59, 20, message="59 responses")
+    wait_for(lambda: len(backend.responses) >= 60, 20, message="60 responses")
     time.sleep(0.3)
     answered = [r["command_id"] for r in backend.responses]
-    assert len(answered) == len(set(answered)) == 59
-    assert messages[20]["command_id"] not in answered
+    assert broken == [60]
+    assert len(answered) == len(set(answered)) == 60
     store = agent.open_store()
-    assert store.counts()["done"] == 59
+    assert store.counts()["done"] == 60
     store.close()
 
 
