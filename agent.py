@@ -659,13 +659,25 @@ class Intake:
             cmd = protocol.parse(data, max_bytes=self.config.max_message_bytes, secret=self.config.shared_secret)
         except protocol.Rejected:
             return
-        response, message = self.agent.error_answer(
-            cmd.command_id,
-            f"the agent cannot write its database ({exc}); the command was not run, send it again later",
-            result_key=False,
-        )
+        # A command seen before may well have run: "not run, send it again" would be a lie that
+        # gets it run twice. Reading still works on a full disk.
         try:
-            self.client.publish(message.channel, message.payload)
+            known = self.store.get(cmd.command_id)
+        except sqlite3.Error:
+            known = None
+        if known is not None:
+            if known["state"] != "done" or not known["response"]:
+                self.log.info("%s: seen before and still %s; its response will follow", cmd.command_id, known["state"])
+                return
+            payload = known["response"]  # its stored response again, as for any duplicate
+        else:
+            payload = self.agent.error_answer(
+                cmd.command_id,
+                f"the agent cannot write its database ({exc}); the command was not run, send it again later",
+                result_key=False,
+            )[1].payload
+        try:
+            self.client.publish(self.config.response_channel, payload)
         except REDIS_DOWN:
             pass
 

@@ -186,6 +186,30 @@ def test_full_disk_refuses_new_commands_loudly_and_recovers(tiny_disk, agent_env
     assert agent.terminate() == 0
 
 
+def test_a_known_command_sent_again_on_a_full_disk_gets_its_answer_not_a_refusal(
+        tiny_disk, agent_env, agent_process, make_backend, redis_server):
+    """A command that ran, sent again while the database cannot be written: its stored answer,
+    not "not run, send it again later", which would have it run a second time."""
+    env = {**agent_env, "OUTBOX_DB": str(tiny_disk / "outbox.db")}
+    agent = agent_process(env).start()
+    agent.wait_subscribed(redis_server)
+    backend = make_backend(env["AGENT_ID"])
+    first = backend.message("docker_restart", {"container_name": "web-1"})
+    backend.publish(first)
+    assert backend.wait(first["command_id"])["status"] == "success"
+    filler = _fill(tiny_disk)
+    try:
+        wait_for(lambda: backend.call("echo", timeout=20)["status"] == "error", 30, message="the first refusal")
+        again = len(backend.responses_for(first["command_id"]))
+        backend.publish(first)
+        wait_for(lambda: len(backend.responses_for(first["command_id"])) > again, 15, message="its answer again")
+        answers = backend.responses_for(first["command_id"])
+        assert [a["status"] for a in answers] == ["success"] * len(answers), answers
+    finally:
+        filler.unlink()
+    assert agent.terminate() == 0
+
+
 def _try(backend, message):
     response = backend.call("echo", {"message": message}, timeout=20)
     return response if response["status"] == "success" else None
