@@ -28,9 +28,10 @@ tools:
 
 # Two pytest workers (pytest-xdist): most tests wait on Redis restarts, timeouts and child
 # processes, so two at a time halve the wall time on two cores (~2 min instead of ~4).
+# loadgroup: tests marked xdist_group(name) run on one worker, one after the other (the bursts).
 TEST_JOBS ?= 2
 test: venv tools
-	$(BIN)/python -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 # Long property-based runs: N examples per property (make test runs a few thousand in all).
 EXAMPLES ?= 20000

@@ -1839,6 +1839,11 @@ class Agent:
         Raises DatabaseInUse when another agent holds the database; False, with nothing
         started, when a stop was asked for while recovery waited for the database.
         """
+        # The listener must read the subscription as fast as Redis writes it (past Redis's
+        # client-output-buffer-limit pubsub the server closes it, with what it held): with the
+        # default 5 ms it waited that long for the interpreter lock behind the intake thread at
+        # each read; 0.5 ms let a 64 MB burst from another process through in 8 of 10 runs (5 of 10).
+        sys.setswitchinterval(0.0005)
         self.db_lock.acquire()
         if not self._recover_when_writable():
             return False
@@ -2117,11 +2122,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.critical("configuration error: %s", exc)
         return EX_CONFIG
-    # The listener must read the subscription as fast as Redis writes it (past Redis's
-    # client-output-buffer-limit pubsub the server closes it, with what it held): with the
-    # default 5 ms it waited that long for the interpreter lock behind the intake thread at
-    # each read; 0.5 ms let a 64 MB burst from another process through in 8 of 10 runs (5 of 10).
-    sys.setswitchinterval(0.0005)
     return Agent(config, registry).run()
 
 
