@@ -40,7 +40,7 @@ def subscription_lost(port: int) -> float:
     raise AssertionError("no cockpit_agent_subscription_lost_total on /metrics")
 
 
-@pytest.mark.xdist_group("burst")  # never beside another test's 64 MB burst
+@pytest.mark.burst  # run alone by make test, after the rest
 def test_a_burst_of_1000_commands_of_64_kib_is_all_answered(running_agent, make_backend, redis_server):
     """1,000 × 64 KiB published in one pipeline (64 MB, twice Redis's hard limit): the old
     listener read 200, then parsed and committed them while nobody read the socket; Redis
