@@ -75,7 +75,8 @@ def test_redis_closing_the_subscription_is_logged_and_counted(running_agent, mak
     caplog.set_level(logging.ERROR, logger="cockpit_agent.listener")
     listener, pubsub = agent.listener, agent.listener.pubsub
     name = f"cockpit-agent:{agent.config.agent_id}"
-    [subscription] = [c for c in admin.client_list(_type="pubsub") if c["name"] == name]
+    [subscription] = wait_for(lambda: [c for c in admin.client_list(_type="pubsub") if c["name"] == name], 10,
+                              message="the agent's subscription in CLIENT LIST")
     assert admin.client_kill_filter(_id=subscription["id"]) == 1
     wait_for(lambda: subscription_lost(port) == 1, 20, message="the lost subscription to be counted")
     [line] = [r.getMessage() for r in caplog.records if "closed the subscription" in r.getMessage()]
