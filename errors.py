@@ -1,8 +1,18 @@
-"""The agent's named errors.
+"""The agent's named errors, one tree under ``AgentError``, and its exit codes.
 
 Their text is what an operator reads, in a response's ``error`` field or on the one line the
 agent prints before it refuses to start, so each says what was wrong and what is allowed.
 """
+
+# Exit codes of the agent and of the operator commands (sysexits.h where one fits). The unit
+# does not restart on EX_CONFIG (RestartPreventExitStatus=78); on EX_SOFTWARE it does.
+EX_OK = 0
+EX_FAIL = 1  # a check failed, the command answered an error, or the agent was stopped by force
+EX_USAGE = 2  # the command line is wrong
+EX_NO_RESPONSE = 3  # `send`: no response within the timeout
+EX_UNAVAILABLE = 69  # Redis cannot be reached
+EX_SOFTWARE = 70  # a part of the agent died or is stuck for good: systemd restarts it
+EX_CONFIG = 78  # the configuration is invalid, or another agent holds the database
 
 
 class AgentError(Exception):
@@ -22,7 +32,9 @@ class NotAllowed(ValidationError):
 
 
 class StoreUnavailable(AgentError):
-    """The SQLite database cannot be written, so the agent cannot promise to keep a command."""
+    """The SQLite database cannot be read or written (a full disk, an I/O error), so the agent
+    cannot promise to keep a command. Raised by the Store for every ``sqlite3.Error``, the
+    original chained as its cause."""
 
 
 class DatabaseInUse(AgentError):

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from errors import AgentError
+
 SIGNATURE_MAX_AGE = 300  # seconds either side of now, as the backend expects
 COMMAND_ID_MAX = 128
 
@@ -31,7 +33,7 @@ class Command:
     signed: bool = False
 
 
-class Rejected(Exception):
+class Rejected(AgentError):
     """A message that will not run.
 
     ``command_id`` is set when the message can still be answered; ``stored`` says whether the
