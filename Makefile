@@ -88,4 +88,4 @@ systemd-e2e: tools
 ITERATIONS ?= 20
 chaos: venv tools
 	CHAOS_ITERATIONS=$(ITERATIONS) $(if $(SEED),CHAOS_SEED=$(SEED)) \
-		$(BIN)/python -m pytest tests/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/system/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)

@@ -487,9 +487,7 @@ def scenario_commit(base: Path, n: int) -> dict:
     out = {}
     for level in ("OFF", "NORMAL", "FULL"):
         path = base / f"commit-{level}.db"
-        store = Store(str(path), "FULL" if level == "FULL" else "NORMAL")
-        if level == "OFF":
-            store.db.execute("PRAGMA synchronous=OFF")
+        store = Store(str(path), level)
         times = []
         response = {"status": "success", "error": None, "execution_time_ms": 0}
         for _ in range(n):

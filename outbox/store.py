@@ -8,11 +8,12 @@ share it). Every thread that needs the database opens its own Store.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from protocol import encode as _compact_json  # params are kept as the wire's compact JSON
+from errors import StoreUnavailable
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 SCHEMA_VERSION = 1
@@ -41,6 +42,21 @@ def _write_lock(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _write_locks_guard:
         return _write_locks.setdefault(key, threading.Lock())
+
+
+# Params are kept as the wire's compact JSON, ASCII-only (exactly as protocol.encode writes it).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Raise StoreUnavailable, not sqlite3.Error: callers handle one error of their own tree."""
+    @functools.wraps(method)
+    def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
+    return call
 
 
 @functools.lru_cache(maxsize=8)
@@ -85,8 +101,10 @@ class Accepted:
 
 
 class Store:
-    """One thread's connection to the outbox database."""
+    """One thread's connection to the outbox database. Every method raises StoreUnavailable
+    when SQLite fails (a full disk, an I/O error, a file it cannot open)."""
 
+    @_guarded
     def __init__(self, path: str, synchronous: str = "NORMAL"):
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
@@ -94,29 +112,31 @@ class Store:
         self.path = path
         # isolation_level=None: no implicit transactions; writes that belong together use
         # ``immediate`` (BEGIN IMMEDIATE ... COMMIT), everything else autocommits. The hot
-        # paths use ``db.execute`` (a thin call); ``db.query`` returns rows as dicts.
+        # paths use ``_db.execute`` (a thin call); ``_db.query`` returns rows as dicts.
         conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db = sqlite_utils.Database(conn, execute_plugins=False)
+        self._db = sqlite_utils.Database(conn, execute_plugins=False)
         self._write_lock = _write_lock(path)
         self._depth = 0  # nesting of immediate()
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit is in the WAL file before commit() returns, so it
         # survives the agent being killed (SIGKILL, OOM killer, a crash); only an OS crash or
         # power loss can lose the last few commits. FULL adds an fsync per commit for those.
-        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
-        self.db.execute("PRAGMA busy_timeout=30000")
+        # (OFF only for the benchmark's baseline; OUTBOX_SYNCHRONOUS allows NORMAL and FULL.)
+        self._db.execute(f"PRAGMA synchronous={synchronous if synchronous in ('FULL', 'OFF') else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=30000")
         # 256 KiB of page cache per connection, not the default 2 MiB: six connections write
         # in turn and each commit elsewhere invalidates this cache anyway, while a full one
         # (after a catch-up or a scan) stays in the agent's resident memory for good.
-        self.db.execute("PRAGMA cache_size=-256")
-        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        self._db.execute("PRAGMA cache_size=-256")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             with self.immediate():
-                self.db.executescript(SCHEMA)
-                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.executescript(SCHEMA)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
+    @_guarded
     def close(self) -> None:
         """Close the connection."""
-        self.db.close()
+        self._db.close()
 
     @contextmanager
     def immediate(self) -> Iterator[None]:
@@ -133,20 +153,30 @@ class Store:
                 self._depth -= 1
             return
         with self._write_lock:
-            self.db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"{self.path}: {exc}") from exc
             self._depth = 1
             try:
                 yield
             except BaseException:
-                self.db.rollback()
+                try:
+                    self._db.rollback()
+                except sqlite3.Error:
+                    pass  # the error that brought us here is the one to tell
                 raise
             else:
-                self.db.commit()
+                try:
+                    self._db.commit()
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(f"{self.path}: {exc}") from exc
             finally:
                 self._depth = 0
 
     # -- commands -------------------------------------------------------------------------------
 
+    @_guarded
     def accept(
         self,
         command_id: str,
@@ -184,26 +214,29 @@ class Store:
                 row["started_at"] = now  # it ran (counts in commands_executed)
         with self.immediate():
             # One statement both checks and records: a known command_id inserts nothing.
-            inserted = self.db.conn.execute(_insert_command_sql(tuple(row)), list(row.values())).rowcount
+            inserted = self._db.conn.execute(_insert_command_sql(tuple(row)), list(row.values())).rowcount
             if not inserted:
                 return Accepted(False, self.get(command_id))
             outbox_id = self._enqueue(answer[1], now, hold_until) if answer is not None else None
             return Accepted(True, row, outbox_id)
 
+    @_guarded
     def get(self, command_id: str) -> dict[str, Any] | None:
         """The ``commands`` row of ``command_id``, or None."""
-        rows = list(self.db.query("SELECT * FROM commands WHERE command_id = ?", [command_id]))
+        rows = list(self._db.query("SELECT * FROM commands WHERE command_id = ?", [command_id]))
         return rows[0] if rows else None
 
+    @_guarded
     def claim(self, command_id: str) -> bool:
         """Move a queued command to running; False if it is not queued (never run it then)."""
         with self.immediate():
-            cursor = self.db.execute(
+            cursor = self._db.execute(
                 "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
                 [time.time(), command_id],
             )
         return cursor.rowcount == 1
 
+    @_guarded
     def finish(
         self,
         command_id: str,
@@ -220,7 +253,7 @@ class Store:
         """
         now = time.time()
         with self.immediate():
-            updated = self.db.execute(
+            updated = self._db.execute(
                 "UPDATE commands SET state = 'done', status = ?, output = ?, error = ?, "
                 "execution_time_ms = ?, finished_at = ?, response = ? WHERE command_id = ? AND state = 'running'",
                 [status, full_output, error, execution_time_ms, now, message.payload, command_id],
@@ -229,12 +262,13 @@ class Store:
                 self._enqueue(message, now)
         return bool(updated)
 
+    @_guarded
     def refuse(self, command_id: str, error: str, message: Message) -> bool:
         """Answer a queued command that will not run (it fails validation at start-up), in one
         transaction; False, writing and queuing nothing, when the row is not ``queued``."""
         now = time.time()
         with self.immediate():
-            updated = self.db.execute(
+            updated = self._db.execute(
                 "UPDATE commands SET state = 'done', status = 'error', error = ?, execution_time_ms = 0, "
                 "finished_at = ?, response = ? WHERE command_id = ? AND state = 'queued'",
                 [error, now, message.payload, command_id],
@@ -243,23 +277,26 @@ class Store:
                 self._enqueue(message, now)
         return bool(updated)
 
+    @_guarded
     def pending(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Rows left ``running`` (interrupted) and ``queued`` by an earlier run, in arrival order."""
-        rows = list(self.db.query("SELECT * FROM commands WHERE state != 'done' ORDER BY seq"))
+        rows = list(self._db.query("SELECT * FROM commands WHERE state != 'done' ORDER BY seq"))
         running = [r for r in rows if r["state"] == State.RUNNING.value]
         queued = [r for r in rows if r["state"] == State.QUEUED.value]
         return running, queued
 
+    @_guarded
     def counts(self) -> dict[str, int]:
         """Commands by state, plus the number of messages waiting in the outbox."""
         counts = {s.value: 0 for s in State}
-        for row in self.db.query("SELECT state, count(*) AS n FROM commands GROUP BY state"):
+        for row in self._db.query("SELECT state, count(*) AS n FROM commands GROUP BY state"):
             counts[row["state"]] = row["n"]
-        counts["outbox"] = self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        counts["outbox"] = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         return counts
 
     # -- outbox ---------------------------------------------------------------------------------
 
+    @_guarded
     def enqueue(self, message: Message, hold_until: float = 0.0) -> int:
         """Queue a message for publishing; returns its outbox id.
 
@@ -270,26 +307,29 @@ class Store:
             return self._enqueue(message, time.time(), hold_until)
 
     def _enqueue(self, message: Message, now: float, hold_until: float = 0.0) -> int:
-        cursor = self.db.conn.execute(
+        cursor = self._db.conn.execute(
             "INSERT INTO outbox (channel, payload, command_id, result_key, created_at, next_attempt_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [message.channel, message.payload, message.command_id, message.result_key, now, hold_until],
         )
         return cursor.lastrowid
 
+    @_guarded
     def due(self, limit: int, now: float | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` outbox rows whose turn has come, oldest first."""
         now = time.time() if now is None else now
         return list(
-            self.db.query(
+            self._db.query(
                 "SELECT * FROM outbox WHERE next_attempt_at <= ? ORDER BY id LIMIT ?", [now, limit]
             )
         )
 
+    @_guarded
     def next_due(self) -> float | None:
         """When the next outbox row is due (unix seconds), or None when the outbox is empty."""
-        return self.db.execute("SELECT min(next_attempt_at) FROM outbox").fetchone()[0]
+        return self._db.execute("SELECT min(next_attempt_at) FROM outbox").fetchone()[0]
 
+    @_guarded
     def delivered(self, ids: list[int]) -> None:
         """Delete delivered messages."""
         self._by_ids("DELETE FROM outbox WHERE id IN ({})", [], ids)
@@ -305,36 +345,61 @@ class Store:
         with self.immediate():
             for start in range(0, len(ids), self._IDS_PER_STATEMENT):
                 chunk = ids[start:start + self._IDS_PER_STATEMENT]
-                self.db.conn.execute(sql.format(",".join("?" * len(chunk))), [*params, *chunk])
+                self._db.conn.execute(sql.format(",".join("?" * len(chunk))), [*params, *chunk])
 
+    @_guarded
     def unheard(self, retries: list[tuple[int, float]], now: float) -> None:
         """Reschedule messages that reached no receiver: ``(id, next_attempt_at)`` pairs."""
         if retries:
             with self.immediate():
-                self.db.conn.executemany(
+                self._db.conn.executemany(
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, "
                     "unheard_since = coalesce(unheard_since, ?), last_error = 'no receiver' WHERE id = ?",
                     [(when, now, i) for i, when in retries],
                 )
 
+    @_guarded
     def hold(self, ids: list[int], until: float) -> None:
         """Keep published messages out of ``due`` until ``until`` (unix s) while they are confirmed."""
         self._by_ids("UPDATE outbox SET next_attempt_at = ? WHERE id IN ({})", [until], ids)
 
+    @_guarded
     def due_now(self, ids: list[int]) -> None:
         """Make these messages due at once (their publication was lost with a Redis restart)."""
         self._by_ids("UPDATE outbox SET next_attempt_at = 0 WHERE id IN ({})", [], ids)
 
+    @_guarded
     def retry_all_now(self, keep: list[int] | tuple[int, ...] = ()) -> int:
         """Make every waiting message due now (Redis is back; no reason to wait out a backoff),
         except ``keep``: published ones whose confirmation is under way, which must not be
         published again just because Redis came back (that is the confirmation's to decide)."""
         with self.immediate():
             if keep:
-                self.db.conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep_held (id INTEGER PRIMARY KEY)")
-                self.db.conn.execute("DELETE FROM keep_held")
-                self.db.conn.executemany("INSERT INTO keep_held (id) VALUES (?)", [(i,) for i in keep])
-            return self.db.conn.execute(
+                self._db.conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep_held (id INTEGER PRIMARY KEY)")
+                self._db.conn.execute("DELETE FROM keep_held")
+                self._db.conn.executemany("INSERT INTO keep_held (id) VALUES (?)", [(i,) for i in keep])
+            return self._db.conn.execute(
                 "UPDATE outbox SET next_attempt_at = 0 WHERE next_attempt_at > 0"
                 + (" AND id NOT IN (SELECT id FROM keep_held)" if keep else "")
             ).rowcount
+
+    @_guarded
+    def response_waiting(self, command_id: str, also: set[int] | frozenset[int] = frozenset()) -> bool:
+        """Is a response of ``command_id`` still to go out: due, waiting for a receiver, or one
+        of ``also`` (the outbox ids of answers not yet published)? One already published, held
+        only until confirmed, is not."""
+        now = time.time()
+        return any(
+            outbox_id in also or next_attempt_at <= now or unheard_since is not None
+            for outbox_id, next_attempt_at, unheard_since in self._db.execute(
+                "SELECT id, next_attempt_at, unheard_since FROM outbox WHERE command_id = ? AND result_key IS NOT NULL",
+                [command_id],
+            )
+        )
+
+    @_guarded
+    def executed_count(self) -> int:
+        """Commands that ran (started and done): the registry's ``commands_executed``."""
+        return self._db.execute(
+            "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
+        ).fetchone()[0]

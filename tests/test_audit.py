@@ -8,7 +8,7 @@ import logging
 import time
 
 import sealed
-from audit import Audit, Throttle, TokenBucket, redact
+from service.audit import Audit, Throttle, TokenBucket, redact
 from conftest import PASSWORD, SECRET, wait_for
 
 

@@ -220,7 +220,7 @@ def test_status_and_history_of_a_running_then_stopped_agent(running_agent, make_
     backend = make_backend(agent.config.agent_id)
     assert backend.call("echo", {"message": "one"})["status"] == "success"
     assert backend.call("git_pull", {"repository_path": "/etc"})["status"] == "error"
-    wait_for(lambda: agent.last_heartbeat is not None, message="a heartbeat")
+    wait_for(lambda: agent.heartbeat.last_heartbeat is not None, message="a heartbeat")
 
     # A published response leaves the outbox once confirmed (within Flusher.delete_after).
     wait_for(lambda: "0 waiting in outbox" in main("status")[1], message="the outbox to be empty")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import sql
 from handlers import Action, execute
 from handlers.base import ANSWER_MARGIN, answer_deadline
 from outbox import Store
@@ -149,9 +150,8 @@ def test_a_queued_command_recovered_after_a_restart_runs_with_its_full_timeout(a
     os.makedirs(os.path.dirname(agent_env["OUTBOX_DB"]), exist_ok=True)
     store = Store(agent_env["OUTBOX_DB"])
     store.accept("left-queued", "docker_restart", {"container_name": "web-1"}, "cockpit-backend")
-    store.db.execute("UPDATE commands SET received_at = received_at - 3600")
-    store.db.commit()
     store.close()
+    sql(agent_env["OUTBOX_DB"], "UPDATE commands SET received_at = received_at - 3600")
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
     client = backend.server.client()

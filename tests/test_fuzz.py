@@ -411,13 +411,13 @@ class ErrorLog(logging.Handler):
 
 @pytest.fixture(scope="module")
 def intake(world):
-    from agent import Agent, Intake
+    from agent import Agent
 
     agent = Agent(world["config"])
     store = agent.open_store()
     handler = ErrorLog()
     logging.getLogger("cockpit_agent").addHandler(handler)
-    yield agent, Intake(agent, store, agent.redis), store, handler
+    yield agent, agent.make_intake(store), store, handler
     logging.getLogger("cockpit_agent").removeHandler(handler)
     store.close()
 
@@ -472,7 +472,7 @@ def test_intake_never_escapes_and_queues_only_valid_actions(world, intake, data)
     if queued:
         # Play the worker without running anything, so a repeated command_id finds a done row.
         assert row["state"] == "queued" and store.claim(cmd.command_id)
-        _, message = agent.answer(cmd.command_id, "success", "not run (fuzz)", None, 0)
+        _, message = agent.answers.answer(cmd.command_id, "success", "not run (fuzz)", None, 0)
         store.finish(cmd.command_id, "success", "not run (fuzz)", None, 0, message)
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-import logs
+from service import logs
 from conftest import PASSWORD, ROOT, wait_for
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")

@@ -36,7 +36,7 @@ def test_scrape_counts_durations_depths_and_redis_state(running_agent, make_back
     assert backend.call("docker_restart", {"container_name": "grafana"})["status"] == "success"
     fake_docker.behave("fail")
     assert backend.call("docker_restart", {"container_name": "web-1"})["status"] == "error"
-    wait_for(lambda: agent.last_heartbeat is not None, message="a heartbeat")
+    wait_for(lambda: agent.heartbeat.last_heartbeat is not None, message="a heartbeat")
 
     samples = scrape(port)
     assert samples[("cockpit_agent_commands_total", (("command", "echo"), ("status", "success")))] == 2

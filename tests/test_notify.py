@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-import notify
+from service import notify
 from conftest import wait_for
 
 
@@ -205,14 +205,15 @@ def test_a_wedged_thread_stops_the_pings_until_it_moves_again(notify_socket, run
     mark = listener.mark()
     release.set()
     listener.wait(lambda m: m.get("WATCHDOG") == "1", what="pings to resume", since=mark)
-    assert notify.unhealthy(agent) == []
+    assert agent.health().problems == ()
 
 
 def test_a_dead_thread_ends_run_with_a_failure_code_so_systemd_restarts(agent_env, config_from):
     """Restart=on-failure restarts only on a non-zero exit: a dead thread must not end in 0."""
     import signal
 
-    from agent import EX_SOFTWARE, Agent
+    from agent import Agent
+    from errors import EX_SOFTWARE
 
     agent = Agent(config_from(agent_env))
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

@@ -7,7 +7,8 @@ import os
 import signal
 import threading
 
-from agent import Agent, SignalWatcher
+from agent import Agent
+from runtime.signals import SignalWatcher
 
 
 def test_a_sigterm_arriving_inside_event_wait_does_not_deadlock():

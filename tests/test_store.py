@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from conftest import sql
+from errors import StoreUnavailable
 from outbox import Message, Store
 
 
@@ -24,7 +26,7 @@ def message(command_id: str, key: bool = True) -> Message:
 
 def test_schema_is_wal_and_readable_by_the_sqlite3_shell(store):
     store.accept("c1", "echo", {"message": "hi"}, "cockpit-backend")
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert sql(store.path, "PRAGMA journal_mode")[0][0] == "wal"
     assert shutil.which("sqlite3"), "the sqlite3 shell is part of what operators use"
     out = subprocess.run(["sqlite3", store.path, "SELECT command_id, command, params, state FROM commands"],
                          capture_output=True, text=True, check=True).stdout
@@ -43,7 +45,7 @@ def test_accept_once_per_command_id(store):
 def test_states_are_checked_words(store):
     store.accept("c1", "echo", {})
     with pytest.raises(sqlite3.IntegrityError):
-        store.db.execute("UPDATE commands SET state = 'lost' WHERE command_id = 'c1'")
+        sql(store.path, "UPDATE commands SET state = 'lost' WHERE command_id = 'c1'")
 
 
 def test_claim_runs_a_command_at_most_once(store):
@@ -61,8 +63,9 @@ def test_finish_and_outbox_row_are_one_transaction(store):
     store.accept("c1", "echo", {})
     store.claim("c1")
     bad = Message(None, "x", "c1", None)  # channel is NOT NULL: the outbox insert fails
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreUnavailable) as raised:  # the Store's own error, SQLite's as its cause
         store.finish("c1", "success", "hi", None, 1, bad)
+    assert isinstance(raised.value.__cause__, sqlite3.IntegrityError)
     assert store.get("c1")["state"] == "running"
     assert store.counts()["outbox"] == 0
 
@@ -80,8 +83,8 @@ def test_outbox_order_retry_and_delivery(store):
     assert [r["id"] for r in store.due(10)] == ids
     store.unheard([(ids[0], 10**12)], now=100.0)
     assert [r["id"] for r in store.due(10)] == ids[1:]
-    row = store.db.execute("SELECT attempts, unheard_since, last_error FROM outbox WHERE id = ?", [ids[0]]).fetchone()
-    assert row == (1, 100.0, "no receiver")
+    row = sql(store.path, "SELECT attempts, unheard_since, last_error FROM outbox WHERE id = ?", [ids[0]])[0]
+    assert tuple(row) == (1, 100.0, "no receiver")
     store.delivered(ids[1:])
     assert store.counts()["outbox"] == 1
     assert store.retry_all_now() == 1
@@ -103,7 +106,7 @@ def test_pending_after_a_crash(tmp_path):
     for cid in ("a", "b", "c"):
         first.accept(cid, "echo", {})
     first.claim("b")
-    first.db.conn.close()  # as if killed: nothing else written
+    first.close()  # as if killed: nothing else written (the rows stay as they are)
     second = Store(path)
     running, queued = second.pending()
     assert [r["command_id"] for r in running] == ["b"]

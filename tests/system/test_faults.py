@@ -291,7 +291,7 @@ def test_response_published_just_before_redis_died_is_published_again(running_ag
     wait_for(lambda: redis_server.client().pubsub_numsub(channel)[0][1] == 1, 10)
     # Room to kill Redis between the PUBLISH reply and the confirmation: the intake leaves the
     # confirmation to the flusher (as when its own PING cannot tell), which waits 3 s.
-    agent.listener.intake.publisher.confirm = lambda: False
+    agent.intake_loop.intake.publisher.confirm = lambda: False
     agent.flusher.confirm_after = 3.0
 
     command_id = "published-then-lost"

@@ -108,7 +108,7 @@ def test_an_answer_no_one_hears_goes_to_the_flusher_and_reaches_a_late_subscribe
 def test_the_answer_publisher_reads_the_run_id_once_per_connection(running_agent, redis_server):
     """Read once, trusted for every later PUBLISH on the same connection; read again after a
     Redis restart (a new connection), so a confirmation never trusts the wrong server."""
-    from agent import AnswerPublisher
+    from runtime.publish import AnswerPublisher
     from outbox import Message
 
     agent = running_agent()
@@ -143,7 +143,7 @@ def test_an_answer_whose_publish_fails_is_made_due_for_the_flusher(running_agent
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
     assert backend.call("echo", {"message": "warm"})["status"] == "success"
-    intake = agent.listener.intake
+    intake = agent.intake_loop.intake
     real_publish = intake.publisher.publish
 
     def publish_into_a_dead_redis(messages):
@@ -167,7 +167,7 @@ def test_redis_restarted_between_the_publish_and_its_confirmation_publishes_agai
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
     assert backend.call("echo", {"message": "warm"})["status"] == "success"
-    publisher = agent.listener.intake.publisher
+    publisher = agent.intake_loop.intake.publisher
     real_confirm = publisher.confirm
     restarts = []
 
@@ -227,5 +227,5 @@ def test_a_burst_is_answered_through_the_flusher_each_answer_once(running_agent,
     for message in messages:
         assert backend.wait(message["command_id"], 30)["output"] == message["params"]["message"]
     wait_for(lambda: not outbox_rows(agent.config.outbox_db), 10, message="the outbox to drain")
-    assert len(published_by_flusher) > agent.listener.intake.publish_on_arrival_max
+    assert len(published_by_flusher) > agent.intake_loop.intake.publish_on_arrival_max
     assert all(len(backend.responses_for(m["command_id"])) == 1 for m in messages)

@@ -23,8 +23,8 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 def beats(agent, n: int) -> None:
     """Wait for ``n`` more heartbeats of ``agent``."""
     for _ in range(n):
-        last = agent.last_heartbeat
-        wait_for(lambda last=last: agent.last_heartbeat != last, 10, message="a heartbeat")
+        last = agent.heartbeat.last_heartbeat
+        wait_for(lambda last=last: agent.heartbeat.last_heartbeat != last, 10, message="a heartbeat")
 
 
 def twin_errors(caplog, agent) -> list[str]:
@@ -44,8 +44,8 @@ def test_two_agents_with_one_id_both_say_so(running_agent, agent_env, tmp_path, 
 
     wait_for(lambda: len(said()) == 2, 15, message="both agents to log the other at ERROR")
     assert a.instance != b.instance and a.config.agent_id == b.config.agent_id
-    assert a.twin and b.twin
-    assert f"instance '{b.instance}'" in a.twin and f"instance '{a.instance}'" in b.twin
+    assert a.heartbeat.twin and b.heartbeat.twin
+    assert f"instance '{b.instance}'" in a.heartbeat.twin and f"instance '{a.instance}'" in b.heartbeat.twin
     beats(a, 3)
     beats(b, 3)  # seen on most beats, said once
     assert len(twin_errors(caplog, a)) == 1 and len(twin_errors(caplog, b)) == 1, caplog.text
@@ -60,7 +60,7 @@ def test_two_agents_with_one_id_both_say_so(running_agent, agent_env, tmp_path, 
     # The twin goes away: after a few beats without a sign of it, the detection clears.
     b.stop_requested.set()
     b.shutdown()
-    wait_for(lambda: a.twin is None, 30, message="the detection to clear")
+    wait_for(lambda: a.heartbeat.twin is None, 30, message="the detection to clear")
     assert scrape(port_a)[("cockpit_agent_twin_detected", ())] == 0
     assert any("has not written" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     beats(a, 1)  # the beat that cleared it still wrote the twin it knew
@@ -69,14 +69,14 @@ def test_two_agents_with_one_id_both_say_so(running_agent, agent_env, tmp_path, 
 
 def test_the_same_agent_restarted_on_its_database_is_not_a_twin(running_agent, agent_env, caplog, redis_server):
     first = running_agent()
-    wait_for(lambda: first.last_heartbeat, message="a heartbeat")
+    wait_for(lambda: first.heartbeat.last_heartbeat, message="a heartbeat")
     first.stop_requested.set()
     first.shutdown()  # its registry hash, with its instance, stays until it expires
     assert redis_server.client().hget(first.config.registry_key, "instance") == first.instance.encode()
     again = running_agent()
     assert again.instance == first.instance
     beats(again, 3)
-    assert again.twin is None
+    assert again.heartbeat.twin is None
     assert not [r for r in caplog.records if "another agent runs as" in r.getMessage()]
     check = cli(agent_env, "check")
     assert check.returncode == 0 and "registry:" not in check.stdout, check.stdout

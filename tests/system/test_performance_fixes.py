@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import wait_for
+from conftest import sql, wait_for
 
 
 def test_done_is_not_starved_by_idle_workers(running_agent, make_backend, git_repos):
@@ -35,7 +35,7 @@ def test_same_target_still_runs_in_order(running_agent, make_backend, git_repos)
     for command_id in ids:
         assert backend.wait(command_id)["status"] == "success"
     store = agent.open_store()
-    rows = list(store.db.query("SELECT command_id, started_at, finished_at FROM commands ORDER BY seq"))
+    rows = sql(store.path, "SELECT command_id, started_at, finished_at FROM commands ORDER BY seq")
     store.close()
     by_id = {r["command_id"]: r for r in rows}
     runs = [by_id[i] for i in ids]
@@ -81,7 +81,7 @@ def test_store_query_and_autocommit(tmp_path):
     assert store.accept("a", "echo", {"message": "x"}).new
     assert not store.accept("a", "echo", {}).new
     assert store.claim("a")
-    assert not store.db.conn.in_transaction
+    assert sql(path, "SELECT state FROM commands WHERE command_id = 'a'")[0][0] == "running"  # committed
     store.finish("a", "success", "x", None, 1, Message("chan", "{}", "a", "key"))
     other = Store(path)  # another thread's view: everything is committed
     assert other.get("a")["state"] == "done"

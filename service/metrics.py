@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from config import VERSION
-from notify import connect_read_only
-
-if TYPE_CHECKING:
-    from agent import Agent
+from config import VERSION, Config
+from service.health import Health
 
 log = logging.getLogger("cockpit_agent.metrics")
 
@@ -30,37 +26,25 @@ DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 
 
 class _Gauges:
-    """Reads the agent's live state at scrape time."""
+    """Reads one ``Health`` snapshot at scrape time (on the HTTP server's thread)."""
 
-    def __init__(self, agent: Agent):
-        self.agent = agent
-
-    def outbox_depth(self) -> float:
-        # A short-lived connection per scrape: the scrape runs on the HTTP server's thread,
-        # and a Store belongs to the thread that opened it.
-        try:
-            db = connect_read_only(self.agent.config.outbox_db)
-            try:
-                return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return math.nan
+    def __init__(self, agent_id: str, health: Callable[[], Health]):
+        self.agent_id, self.health = agent_id, health
 
     def collect(self):
-        agent = self.agent
+        health = self.health()
         yield InfoMetricFamily("cockpit_agent", "The agent's version and id.",
-                               value={"version": VERSION, "agent_id": agent.config.agent_id})
+                               value={"version": VERSION, "agent_id": self.agent_id})
         yield GaugeMetricFamily("cockpit_agent_outbox_depth", "Messages waiting in the outbox to be published.",
-                                value=self.outbox_depth())
+                                value=math.nan if health.outbox is None else health.outbox)
         yield GaugeMetricFamily("cockpit_agent_queue_depth", "Accepted commands waiting for a worker.",
-                                value=agent.queue.qsize())
+                                value=health.queued)
         yield GaugeMetricFamily("cockpit_agent_redis_connected", "1 while the command subscription is up.",
-                                value=1 if agent.redis_connected.is_set() else 0)
+                                value=1 if health.redis_connected else 0)
         yield GaugeMetricFamily("cockpit_agent_twin_detected",
                                 "1 while another agent with this agent id writes its registry hash.",
-                                value=1 if agent.twin is not None else 0)
-        last = agent.last_heartbeat
+                                value=1 if health.twin is not None else 0)
+        last = health.last_heartbeat
         yield GaugeMetricFamily(
             "cockpit_agent_heartbeat_age_seconds",
             "Seconds since the last successful heartbeat (NaN before the first).",
@@ -72,15 +56,15 @@ class _Gauges:
             "Messages refused before they became a command (never run), by reason: malformed, oversize, "
             "unauthenticated (never answered).", labels=["reason"])
         for kind in ("malformed", "oversize", "unauthenticated"):
-            rejected.add_metric([kind], agent.audit.rejections.get(kind, 0))
+            rejected.add_metric([kind], health.rejections.get(kind, 0))
         yield rejected
 
 
 class Metrics:
     """The agent's metrics and, once started, the HTTP endpoint that serves them."""
 
-    def __init__(self, agent: Agent):
-        self.agent = agent
+    def __init__(self, config: Config, health: Callable[[], Health]):
+        self.config = config
         self.registry = CollectorRegistry(auto_describe=True)
         self.commands = Counter("cockpit_agent_commands", "Commands run, by command and status.",
                                 ["command", "status"], registry=self.registry)
@@ -91,7 +75,7 @@ class Metrics:
             "Times the command subscription's connection was closed under the agent (by Redis, e.g. past "
             "client-output-buffer-limit pubsub, or by the network); what was published meanwhile was lost.",
             registry=self.registry)
-        self.registry.register(_Gauges(agent))
+        self.registry.register(_Gauges(config.agent_id, health))
         self.server = None
 
     def command_done(self, command: str, status: str, elapsed_ms: int) -> None:
@@ -101,7 +85,7 @@ class Metrics:
 
     def start(self) -> None:
         """Serve ``/metrics`` on METRICS_ADDR:METRICS_PORT; a port in use is logged, not fatal."""
-        config = self.agent.config
+        config = self.config
         try:
             self.server, _ = start_http_server(config.metrics_port, config.metrics_addr, self.registry)
         except OSError as exc:

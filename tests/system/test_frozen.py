@@ -60,7 +60,7 @@ def test_a_stuck_listener_thread_is_replaced(running_agent, redis_server, make_b
     stuck._readable = lambda wait: release.wait(60)
     try:
         wait_for(lambda: agent.listener is not stuck, 20, message="the watchdog to replace the listener")
-        assert agent.listeners_replaced == 1
+        assert agent.listeners.replaced == 1
         wait_for(agent.redis_connected.is_set, 15, message="the new listener to subscribe")
         assert backend.call("echo", {"message": "new listener"}, timeout=20)["output"] == "new listener"
         assert numsub(redis_server, channel) == 1, "the stuck listener's subscription was closed"
@@ -100,13 +100,13 @@ def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, 
     backend = make_backend(agent.config.agent_id)
     listener = agent.listener
     pubsub = listener.pubsub
-    real_handle = listener.intake.handle
+    real_handle = agent.intake_loop.intake.handle
 
     def slow_handle(data):
         time.sleep(0.4)  # the fault: each message takes 0.4 s to commit
         return real_handle(data)
 
-    listener.intake.handle = slow_handle
+    agent.intake_loop.intake.handle = slow_handle
     listener.probe_sent_at = 0.0  # a probe goes out on the next turn, behind the burst below
     ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(14)]  # ~5.6 s > the 4 s probe deadline
     for cid in ids:

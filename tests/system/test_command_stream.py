@@ -101,7 +101,7 @@ def test_a_command_sent_both_ways_runs_once_and_is_answered_once(running_agent, 
         assert len(backend.responses_for(message["command_id"])) == 1, "a twin must not get a second answer"
 
     # A backend retry by pub/sub long after is still answered from the stored response.
-    agent.twin_window = 0.0
+    agent.stream_twins.window = 0.0
     backend.publish(messages[0])
     wait_for(lambda: len(backend.responses_for(messages[0]["command_id"])) == 2, 15)
     assert len(fake_docker.calls()) == 5

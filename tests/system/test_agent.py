@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, wait_for
+from conftest import PASSWORD, sql, wait_for
+from errors import StoreUnavailable
 
 
 @pytest.fixture
@@ -183,7 +184,8 @@ def test_seed_redis_cli_session_verbatim(running_agent, redis_server):
 
 def test_worker_pool_lanes_hand_over_without_waiting(agent_env, config_from):
     """One Job per target in flight; finishing it puts the next one on the queue at once."""
-    from agent import Agent, Job
+    from agent import Agent
+    from runtime.workers import Job
     from handlers import Action
 
     agent = Agent(config_from(agent_env))  # not started: the pool is driven by hand
@@ -212,12 +214,12 @@ def test_listener_resubscribes_after_its_connection_is_dropped(agent, backend, r
 
 
 def test_a_handler_that_blows_up_still_gets_an_answer(running_agent, make_backend, monkeypatch):
-    import agent as agent_module
+    import runtime.workers
 
     def broken(action, children=None, deadline=None):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(agent_module, "execute", broken)
+    monkeypatch.setattr(runtime.workers, "execute", broken)
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
     response = backend.call("docker_restart")
@@ -231,7 +233,7 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
     handled one by one, and nothing from the failed attempt may be audited or counted twice."""
     import json as json_module
 
-    from agent import Agent, Intake
+    from agent import Agent
 
     agent = Agent(config_from(agent_env))  # not started: the intake is driven by hand
     audited = []
@@ -245,7 +247,7 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
 
     monkeypatch.setattr(agent.registry, "prepare", prepare)
     store = agent.open_store()
-    intake = Intake(agent, store, agent.redis)
+    intake = agent.make_intake(store)
     batch = [json_module.dumps({"command_id": "e1", "command": "echo"}).encode(),
              json_module.dumps({"command_id": "r1", "command": "reboot"}).encode(),
              json_module.dumps({"command_id": "g1", "command": "git_status"}).encode()]
@@ -254,7 +256,7 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
     def accept(command_id, *args, **kwargs):  # the group's transaction fails on its last message
         if command_id == "g1" and len(accepted) == 2:
             accepted.append(command_id)
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StoreUnavailable("disk I/O error")
         accepted.append(command_id)
         return real_accept(command_id, *args, **kwargs)
 
@@ -263,7 +265,7 @@ def test_a_group_that_rolls_back_audits_and_counts_each_command_once(agent_env, 
     intake.handle_many(batch)
     assert accepted == ["e1", "r1", "g1", "e1", "r1", "g1"]  # the group rolled back, then one by one
     assert sorted(audited) == ["e1", "g1", "r1"]  # once each; g1's handler bug is an error answer
-    assert agent.executed == 1
+    assert agent.executed.value == 1
     assert store.get("e1")["state"] == "done"
     assert "the agent failed to check 'git_status': RuntimeError: a bug in a handler" in store.get("g1")["error"]
     store.close()
@@ -273,7 +275,7 @@ def test_messages_that_arrive_together_are_accepted_together(agent, backend, red
     """A burst is accepted in groups (one transaction each), not one message at a time: the
     listener sees what is already buffered or waiting on its socket without a blocking read."""
     sizes = []
-    intake = agent.listener.intake
+    intake = agent.intake_loop.intake
     handle_many = intake.handle_many
     intake.handle_many = lambda batch, *rest: (sizes.append(len(batch)), handle_many(batch, *rest))
     client = redis_server.client()
@@ -323,9 +325,10 @@ def test_the_listener_tries_redis_again_within_a_second_other_errors_back_off_fu
     backlog out once Redis is back); any other failure still backs off up to 5 s."""
     import redis
 
-    from agent import Agent, Listener
+    from agent import Agent
+    from runtime.listener import Listener
 
-    listener = Listener("listener", Agent(config_from(agent_env)))  # not started: delays only
+    listener = Agent(config_from(agent_env)).listener  # not started: delays only
     down = [listener.retry_delay(redis.ConnectionError("refused")) for _ in range(20)]
     assert max(down) <= 1.0 and min(down[3:]) >= 0.5, down
     other = [listener.retry_delay(redis.ResponseError("NOPERM")) for _ in range(20)]
@@ -341,13 +344,13 @@ def test_a_stop_does_not_wait_for_answers_no_one_is_subscribed_to_hear(running_a
     message = {"command_id": "while-away", "command": "echo", "params": {"message": "later"}}
     assert redis_server.client().publish(f"cockpit-agent:{agent.config.agent_id}", json.dumps(message)) == 1
     store = agent.open_store()
-    wait_for(lambda: store.db.execute("SELECT count(*) FROM outbox WHERE unheard_since IS NOT NULL").fetchone()[0] == 1,
+    wait_for(lambda: sql(store.path, "SELECT count(*) FROM outbox WHERE unheard_since IS NOT NULL")[0][0] == 1,
              10, message="the answer to find no receiver")
     agent.stop_requested.set()
     t0 = time.monotonic()
     agent.shutdown()
     assert time.monotonic() - t0 < 3.0, "the stop waited for an answer no one could hear"
-    assert [r[0] for r in store.db.execute("SELECT command_id FROM outbox")] == ["while-away"]
+    assert [r[0] for r in sql(store.path, "SELECT command_id FROM outbox")] == ["while-away"]
     store.close()
 
     again = running_agent()
@@ -402,10 +405,10 @@ class _StopJustBeforeClear(threading.Event):
 
 
 def _stop_just_before_the_clear(agent, thread, event: str) -> None:
-    """Swap ``agent.<event>`` for a _StopJustBeforeClear and get ``thread`` to clear it."""
-    old = getattr(agent, event)
+    """Swap ``thread.<event>`` for a _StopJustBeforeClear and get ``thread`` to clear it."""
+    old = getattr(thread, event)
     armed = _StopJustBeforeClear(thread)
-    setattr(agent, event, armed)
+    setattr(thread, event, armed)
     old.set()  # ends a wait on the old event: the next iteration clears the new one
     deadline = time.monotonic() + 10
     while not armed.fired.wait(0.05):
@@ -414,7 +417,7 @@ def _stop_just_before_the_clear(agent, thread, event: str) -> None:
         assert time.monotonic() < deadline, "the thread never cleared its wake-up event"
 
 
-@pytest.mark.parametrize("name, event", [("flusher", "outbox_wake"), ("heartbeat", "heartbeat_now")])
+@pytest.mark.parametrize("name, event", [("flusher", "wake"), ("heartbeat", "now")])
 def test_a_stop_just_before_a_loop_clears_its_wake_up_ends_the_loop_at_once(running_agent, name, event):
     """Seen under systemd: a stop took 5 s more, and the flusher's last confirmations could be
     cut off. The flusher cleared the wake-up that the stop had just set, then waited out its
@@ -434,11 +437,11 @@ def test_a_stop_just_before_the_flusher_clears_its_wake_up_ends_a_failed_iterati
     wait_for(lambda: hasattr(flusher, "store"), 10, message="the flusher to open its store")
 
     def failing_due(*args, **kwargs):
-        raise sqlite3.OperationalError("disk I/O error")
+        raise StoreUnavailable("disk I/O error")
 
     flusher.store.due = failing_due
     flusher.retry_delay = lambda exc: 5.0  # the longest backoff
-    _stop_just_before_the_clear(agent, flusher, "outbox_wake")
+    _stop_just_before_the_clear(agent, flusher, "wake")
     flusher.join(2.0)
     assert not flusher.is_alive(), "the flusher sat out its backoff after its stop"
 
@@ -464,7 +467,8 @@ def test_a_unix_socket_redis_url_works(unix_redis_server, running_agent):
 
 
 
-def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_agent, make_backend, fake_docker):
+def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_agent, make_backend, fake_docker,
+                                                                     monkeypatch):
     """The flusher publishes a worker's answer and confirms it at once (one round trip for the
     run_id, then the DELETE). A replay of the command arriving in between found its row still
     due, took it for an answer not yet published, and got none; the row was then deleted. (Seen
@@ -473,14 +477,16 @@ def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_
     agent = running_agent()
     flusher = agent.flusher
     in_confirm, release = threading.Event(), threading.Event()
-    real_run_id = type(flusher)._run_id
+    import runtime.flusher
+
+    real_run_id = runtime.flusher.read_run_id
 
     def slow_run_id(client):
         in_confirm.set()
         release.wait(15)
         return real_run_id(client)
 
-    flusher._run_id = slow_run_id
+    monkeypatch.setattr(runtime.flusher, "read_run_id", slow_run_id)
     backend = make_backend(agent.config.agent_id)
     try:
         message = backend.message("docker_restart", command_id="replayed")

@@ -14,21 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING
-from urllib.parse import quote
+from collections.abc import Callable
 
-if TYPE_CHECKING:
-    from agent import Agent, Loop
+from service.health import Health
 
 log = logging.getLogger("cockpit_agent.notify")
-
-
-def connect_read_only(path: str) -> sqlite3.Connection:
-    """A read-only connection to the outbox: counting must never create or change the file."""
-    return sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=5)
 
 
 class SdNotify:
@@ -83,54 +75,22 @@ def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
     return usec / 1_000_000 / 4
 
 
-def stall_limit(thread: Loop, agent: Agent) -> float:
-    """How long ``thread`` may go without finishing an iteration before it counts as wedged.
-
-    The longest legitimate iteration is a worker running a command (its own timeout, then a
-    kill and a drain) or the heartbeat sleeping its interval; everything else answers within
-    a socket timeout or SQLite's busy timeout, which STALL_SECONDS covers.
-    """
-    config = agent.config
-    limit = float(config.stall_seconds) + 3 * config.redis_socket_timeout
-    if thread is agent.heartbeat:
-        limit += config.heartbeat_interval
-    job = getattr(thread, "current", None)
-    if job is not None and job.action.timeout:
-        limit += job.action.timeout + 15
-    return limit
-
-
-def unhealthy(agent: Agent, now: float | None = None) -> list[str]:
-    """Why the agent should not ping the watchdog: one phrase per dead or wedged thread."""
-    now = time.monotonic() if now is None else now
-    problems = []
-    for thread in agent.threads():
-        if not thread.is_alive():
-            problems.append(f"{thread.name} is not running")
-            continue
-        silent = now - thread.last_progress
-        if silent > stall_limit(thread, agent):
-            problems.append(f"{thread.name} made no progress for {silent:.0f} s")
-    return problems
-
-
 class Notifier(threading.Thread):
     """Tells systemd the agent is ready, what it is doing, and (while healthy) that it lives.
 
-    Owns its own read-only SQLite connection for the outbox count.
+    Everything it says comes from one ``Health`` snapshot per round (``health``).
     """
 
     status_interval = 1.0
 
-    def __init__(self, agent: Agent, notify: SdNotify | None = None):
+    def __init__(self, health: Callable[[], Health], shutdown_grace: float, notify: SdNotify | None = None):
         super().__init__(name="cockpit-agent-notify", daemon=True)
-        self.agent = agent
+        self.health, self.shutdown_grace = health, shutdown_grace
         self.notify = notify or SdNotify()
         self.stop = threading.Event()
         self.ping_every = watchdog_interval()
         self.last_status: str | None = None
         self.down_since: float | None = None
-        self.db: sqlite3.Connection | None = None
 
     @property
     def enabled(self) -> bool:
@@ -148,11 +108,12 @@ class Notifier(threading.Thread):
         wedged_reported = False
         while not self.stop.is_set():
             try:
-                self.send_status()
+                health = self.health()
+                self.send_status(health)
                 now = time.monotonic()
                 if self.ping_every and now >= next_ping:
                     # While stopping, threads end on purpose: nothing to judge, keep systemd patient.
-                    problems = [] if self.agent.stop_requested.is_set() else unhealthy(self.agent, now)
+                    problems = () if health.stopping else health.problems
                     if problems:
                         if not wedged_reported:
                             log.critical("not pinging the watchdog: %s", "; ".join(problems))
@@ -164,44 +125,32 @@ class Notifier(threading.Thread):
             except Exception:
                 log.exception("notify iteration failed")
             self.stop.wait(min(self.status_interval, self.ping_every or self.status_interval))
-        if self.db is not None:
-            self.db.close()
 
-    def send_status(self) -> None:
+    def send_status(self, health: Health | None = None) -> None:
         """Send STATUS= when its text changed."""
-        text = self.status_text()
+        text = self.status_text(health)
         if text != self.last_status:
             self.notify.send(f"STATUS={text}")
             self.last_status = text
 
-    def outbox_count(self) -> int | None:
-        """Messages waiting in the outbox, or None when the database cannot be read."""
-        try:
-            if self.db is None:
-                self.db = connect_read_only(self.agent.config.outbox_db)
-            return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        except sqlite3.Error:
-            return None
-
-    def status_text(self) -> str:
+    def status_text(self, health: Health | None = None) -> str:
         """One line for ``systemctl status``: Redis, the queue, the outbox, and any sick thread."""
-        agent = self.agent
-        waiting = self.outbox_count()
+        health = self.health() if health is None else health
+        waiting = health.outbox
         waiting_text = "outbox unreadable" if waiting is None else f"{waiting} waiting in outbox"
-        if agent.stop_requested.is_set():
-            return f"stopping; {agent.pool.pending()} queued; {waiting_text}"
-        problems = unhealthy(agent)
-        if agent.redis_connected.is_set():
+        if health.stopping:
+            return f"stopping; {health.queued} queued; {waiting_text}"
+        if health.redis_connected:
             self.down_since = None
-            text = f"online; {agent.pool.pending()} queued; {waiting_text}"
+            text = f"online; {health.queued} queued; {waiting_text}"
         else:
             now = time.monotonic()
             if self.down_since is None:
-                self.down_since = agent.listener.failing_since or now
+                self.down_since = health.redis_down_since or now
             responses = "outbox unreadable" if waiting is None else f"{waiting} responses waiting"
             text = f"Redis unreachable for {now - self.down_since:.0f} s; {responses}"
-        if problems:
-            text += "; " + "; ".join(problems)
+        if health.problems:
+            text += "; " + "; ".join(health.problems)
         return text
 
     def stopping(self) -> None:
@@ -210,7 +159,7 @@ class Notifier(threading.Thread):
         EXTEND_TIMEOUT_USEC covers a SHUTDOWN_GRACE raised in agent.env beyond the unit's
         TimeoutStopSec: the grace, plus the final flush and thread joins.
         """
-        grace = self.agent.config.shutdown_grace
+        grace = self.shutdown_grace
         self.notify.send("STOPPING=1", f"STATUS=stopping: up to {grace:g} s for running commands to finish",
                          f"EXTEND_TIMEOUT_USEC={int((grace + 30) * 1_000_000)}")
 

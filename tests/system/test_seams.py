@@ -88,7 +88,7 @@ def test_an_intake_stuck_after_its_replacement_stops_the_agent(running_agent, ma
         backend.send("echo", {"message": "swallowed too"})
         wait_for(agent.unrecoverable.is_set, 20, message="the agent to give up on its intake")
         assert agent.stop_requested.is_set()
-        assert agent.intakes_replaced == 1
+        assert agent.intakes.replaced == 1
     finally:
         release.set()
 
@@ -98,12 +98,12 @@ def test_a_timeout_without_a_timestamp_counts_from_when_the_listener_read_it(age
     without the backend's timestamp has its timeout counted from the read, not from the accept."""
     import json
 
-    from agent import Agent, Intake
+    from agent import Agent
 
     agent = Agent(config_from({**agent_env, "DOCKER_TIMEOUT": "6"}))  # not started: driven by hand
     store = agent.open_store()
     try:
-        intake = Intake(agent, store, agent.redis)
+        intake = agent.make_intake(store)
         read_at = time.time() - 4.0
         message = {"command_id": "d1", "command": "docker_restart", "params": {"container_name": "web-1"}}
         intake.handle_many([json.dumps(message).encode()], [read_at])

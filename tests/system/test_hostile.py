@@ -318,7 +318,7 @@ def test_a_message_that_fails_unexpectedly_logs_one_traceback_a_minute(running_a
     # (Each is also one "refused" WARNING line, as every refusal: it cost a row and an answer.)
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR and "failed to check" in r.getMessage()]
     assert len(failures) == 1, [r.getMessage() for r in failures]
-    assert agent.listener.intake._check_failed.count == 200  # all failed, one line for them all
+    assert agent.intake_loop.intake._check_failed.count == 200  # all failed, one line for them all
 
 
 # -- size before parsing ----------------------------------------------------------------------

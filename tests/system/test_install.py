@@ -37,14 +37,15 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
     assert "wrote" in first.stdout and "agent.env from .env.example" in first.stdout
 
     app = dest / APP
-    for name in ("agent.py", "cli.py", "config.py", "notify.py", "metrics.py", "logs.py", "protocol.py",
-                 "errors.py", "handlers/__init__.py", "handlers/loader.py", "outbox/schema.sql",
+    for name in ("agent.py", "cli.py", "config.py", "protocol.py", "sealed.py", "errors.py", "runtime/listener.py",
+                 "runtime/flusher.py", "service/notify.py", "service/metrics.py", "service/logs.py", "handlers/__init__.py", "handlers/loader.py", "outbox/schema.sql",
                  "handlers/examples/systemctl_restart.py", "docs/OPERATIONS.md", "requirements.txt", ".env.example"):
         assert (app / name).is_file(), name
     assert not (app / "tests").exists() and not (app / ".venv").exists()
     # Compiled at install (the unit runs read-only with PYTHONDONTWRITEBYTECODE=1), not copied.
     assert list((app / "__pycache__").glob("agent.cpython-*.pyc"))
     assert list((app / "outbox" / "__pycache__").glob("store.cpython-*.pyc"))
+    assert list((app / "runtime" / "__pycache__").glob("intake.cpython-*.pyc"))
     unit = dest / "etc/systemd/system/cockpit-agent.service"
     assert unit.read_text() == UNIT.read_text() and mode(unit) == 0o644
     env_file = dest / CONF / "agent.env"
