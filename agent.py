@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import queue
 import sys
 import threading
@@ -27,8 +26,8 @@ from typing import Any
 import redis
 
 import cli
-from config import VERSION, Config, RedactSecrets, load, secrets_of
-from errors import EX_CONFIG, EX_SOFTWARE, ConfigError, DatabaseInUse, StoreUnavailable
+from config import VERSION, Config, load, secrets_of
+from errors import EX_CONFIG, EX_SOFTWARE, ConfigError, DatabaseInUse
 from handlers import REGISTRY, Children, Registry
 from handlers.loader import registry_with_dir
 from outbox import Store
@@ -40,15 +39,15 @@ from runtime.heartbeat import Heartbeat
 from runtime.inbox import Inbox
 from runtime.intake import Intake, IntakeLoop, StreamTwins
 from runtime.listener import Listener
-from runtime.loop import Backoff, Loop
-from runtime.recovery import recover
+from runtime.loop import Loop
+from runtime.recovery import recover, recover_when_writable, warn_unwritable_repos
 from runtime.signals import SignalWatcher
 from runtime.stream import StreamReader
 from runtime.watchdog import Slot, Watchdog
 from runtime.workers import Job, Worker, WorkerPool
-from service import logs
 from service.audit import Audit
 from service.health import Health, Tally, problems
+from service.logs import setup_logging
 from service.notify import Notifier
 
 log = logging.getLogger("cockpit_agent")
@@ -223,44 +222,17 @@ class Agent:
             self.metrics.start()
         self.notifier.start()
         log.info("cockpit-agent %s started: %s", VERSION, self.config.describe())
-        self.warn_unwritable_repos()
+        warn_unwritable_repos(self.config.git_repo_paths)
         return True
 
     def _recover_when_writable(self) -> bool:
-        """``recover``, retried with capped backoff while the database cannot be written (a full
-        disk): exiting would only make systemd restart the agent into the same error, in a loop.
-        One ERROR line, then quiet retries; False if a stop is asked for meanwhile."""
-        backoff, since = Backoff(base=1.0, cap=10.0), None
-        while True:
-            try:
-                self.recover()
-            except StoreUnavailable as exc:
-                self.pool.forget()  # what it queued before failing is queued again on the next try
-                if since is None:
-                    since = time.monotonic()
-                    log.error("cannot recover the work left in %s (OUTBOX_DB): %s; not starting until it can be "
-                              "written, retrying every few seconds", self.config.outbox_db, exc.__cause__ or exc)
-                delay = backoff.next()
-                # Still starting, as systemd sees it: keep TimeoutStartSec= from killing us meanwhile.
-                self.notifier.notify.send(f"STATUS=waiting for {self.config.outbox_db} to be writable: "
-                                          f"{exc.__cause__ or exc}",
-                                          f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1_000_000)}")
-                if self.stop_requested.wait(delay):
-                    return False
-                continue
-            if since is not None:
-                log.info("recovered the work left in %s after %.0f s", self.config.outbox_db, time.monotonic() - since)
-            return True
+        """``recover``, retried while the database cannot be written (runtime/recovery.py)."""
+        def status(text: str, delay: float) -> None:
+            # Still starting, as systemd sees it: keep TimeoutStartSec= from killing us meanwhile.
+            self.notifier.notify.send(f"STATUS={text}", f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1_000_000)}")
 
-    def warn_unwritable_repos(self) -> None:
-        """Say at start which whitelisted repositories the agent cannot write: git_pull there
-        would fail. Under the unit (ProtectSystem=strict) that is a repository left out of
-        ReadWritePaths=, which the agent's own user, outside the service, could write."""
-        for repo in self.config.git_repo_paths:
-            if os.path.isdir(repo) and not os.access(repo, os.W_OK):
-                log.warning("repository %s is not writable here (%s), so git_pull there will fail; under "
-                            "systemd, add ReadWritePaths=%s (systemctl edit cockpit-agent)",
-                            repo, "read-only file system" if _read_only_mount(repo) else "permissions", repo)
+        return recover_when_writable(self.recover, self.pool.forget, self.config.outbox_db, self.stop_requested,
+                                     status)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The first SIGTERM/SIGINT asks for a graceful stop, the second for an immediate one.
@@ -381,24 +353,6 @@ class Agent:
         log.info("stopped; %d queued commands and %d unsent messages kept in %s",
                  left["queued"], left["outbox"], self.config.outbox_db)
         return 0
-
-
-def _read_only_mount(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def setup_logging(config: Config | None, level: str = "INFO") -> None:
-    """Readable lines (or JSON, LOG_FORMAT=json) on stderr; under journald, without a second timestamp."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logs.formatter(config.log_format if config else "text"))
-    if config is not None:
-        handler.addFilter(RedactSecrets(secrets_of(config)))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level if config else level)
 
 
 def main(argv: list[str] | None = None) -> int:

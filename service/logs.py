@@ -11,7 +11,10 @@ import json
 import logging
 import os
 import re
+import sys
 import time
+
+from config import Config, RedactSecrets, secrets_of
 
 # syslog priorities for Python's levels (sd-daemon.h's SD_ERR, SD_WARNING, ...).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
@@ -100,3 +103,14 @@ def formatter(log_format: str = "text", journald: bool | None = None) -> logging
     """The formatter for ``LOG_FORMAT`` (``text`` or ``json``), journald-aware."""
     journald = under_journald() if journald is None else journald
     return JsonFormatter(journald) if log_format == "json" else TextFormatter(journald)
+
+
+def setup_logging(config: Config | None, level: str = "INFO") -> None:
+    """Readable lines (or JSON, LOG_FORMAT=json) on stderr; under journald, without a second timestamp."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(config.log_format if config else "text"))
+    if config is not None:
+        handler.addFilter(RedactSecrets(secrets_of(config)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level if config else level)
