@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,14 +22,14 @@ import redis
 import protocol
 import sealed
 from config import Config, load
-from errors import ConfigError
+from errors import EX_CONFIG, EX_FAIL, EX_NO_RESPONSE, EX_OK, EX_UNAVAILABLE, EX_USAGE, ConfigError
+from handlers import REGISTRY
 from handlers.base import child_env
+from handlers.loader import registry_with_dir
+from outbox.inspect import Inspector
 from outbox.owner import describe, instance_id
 from outbox.owner import holder as lock_holder
 
-EX_OK, EX_FAIL, EX_USAGE, EX_NO_RESPONSE = 0, 1, 2, 3
-EX_UNAVAILABLE = 69  # sysexits.h: Redis cannot be reached
-EX_CONFIG = 78  # sysexits.h: the configuration is invalid
 ONLINE_MAX_AGE = 90  # the backend's rule: online while last_heartbeat is younger than this
 
 EXIT_CODES = """\
@@ -196,8 +195,6 @@ def check(env_file: str | None) -> int:
         return EX_CONFIG
     checks.report(True, "configuration", config.describe())
 
-    from handlers import REGISTRY
-    from handlers.loader import registry_with_dir
 
     try:
         registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
@@ -389,8 +386,6 @@ def _unknown_params(config: Config, command: str, params: dict[str, Any],
                     env_file: str | None) -> tuple[tuple[str, ...], list[str]]:
     """The parameters this host's handler for ``command`` takes, and those in ``params`` it does
     not. Nothing is unknown for a command this host does not have (the agent answers that)."""
-    from handlers import REGISTRY
-    from handlers.loader import registry_with_dir
 
     try:
         registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
@@ -442,7 +437,7 @@ def _result_key(config: Config, key: str, deadline: float) -> dict | None:
 # -- the local database -------------------------------------------------------------------------
 
 
-def _open_db(config: Config) -> sqlite3.Connection | None:
+def _open_db(config: Config) -> Inspector | None:
     """The agent's database, opened as the user who owns it.
 
     Run as root, the CLI drops to the owner first: a root-owned -wal or -shm file left behind
@@ -457,18 +452,7 @@ def _open_db(config: Config) -> sqlite3.Connection | None:
         os.setgroups([])
         os.setgid(st.st_gid)
         os.setuid(st.st_uid)
-    db = sqlite3.connect(path, timeout=10)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
-
-
-def _counts(db: sqlite3.Connection) -> dict[str, int]:
-    counts = {"queued": 0, "running": 0, "done": 0}
-    for row in db.execute("SELECT state, count(*) AS n FROM commands GROUP BY state"):
-        counts[row["state"]] = row["n"]
-    counts["outbox"] = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-    return counts
+    return Inspector(path)
 
 
 def _when(ts: float | None) -> str:
@@ -524,9 +508,7 @@ def status(config: Config, args: argparse.Namespace) -> int:
             print(f"executed:     {entry.get('commands_executed', '0')}")
     db = _open_db(config)
     if db is not None:
-        with db:
-            counts = _counts(db)
-            oldest = db.execute("SELECT min(created_at) FROM outbox").fetchone()[0]
+        counts, oldest = db.counts(), db.oldest_waiting()
         waiting = f"{counts['outbox']} waiting in outbox" + (f" (oldest {_age(time.time() - oldest)})" if oldest else "")
         print(f"local:        {counts['queued']} queued, {counts['running']} running, {counts['done']} done; {waiting}")
         print(f"database:     {config.outbox_db}")
@@ -554,14 +536,8 @@ def outbox(config: Config, args: argparse.Namespace) -> int:
         db.close()
 
 
-def _where_ids(ids: list[int]) -> tuple[str, list[int]]:
-    if not ids:
-        return "", []
-    return f" WHERE id IN ({','.join('?' * len(ids))})", list(ids)
-
-
-def _outbox_list(db: sqlite3.Connection) -> int:
-    rows = db.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+def _outbox_list(db: Inspector) -> int:
+    rows = db.outbox_rows()
     if not rows:
         print("the outbox is empty: every response was delivered")
         return EX_OK
@@ -575,11 +551,11 @@ def _outbox_list(db: sqlite3.Connection) -> int:
     return EX_OK
 
 
-def _outbox_show(db: sqlite3.Connection, ids: list[int]) -> int:
+def _outbox_show(db: Inspector, ids: list[int]) -> int:
     if len(ids) != 1:
         print("cockpit-agent: outbox show needs exactly one ID (see: outbox list)", file=sys.stderr)
         return EX_USAGE
-    row = db.execute("SELECT * FROM outbox WHERE id = ?", ids).fetchone()
+    row = db.outbox_row(ids[0])
     if row is None:
         print(f"cockpit-agent: no outbox entry {ids[0]} (already delivered?)", file=sys.stderr)
         return EX_FAIL
@@ -599,19 +575,16 @@ def _outbox_show(db: sqlite3.Connection, ids: list[int]) -> int:
     return EX_OK
 
 
-def _outbox_retry(db: sqlite3.Connection, ids: list[int]) -> int:
-    where, values = _where_ids(ids)
-    with db:
-        changed = db.execute(f"UPDATE outbox SET next_attempt_at = 0{where}", values).rowcount
+def _outbox_retry(db: Inspector, ids: list[int]) -> int:
+    changed = db.retry(ids)
     if ids and changed != len(ids):
         print(f"cockpit-agent: only {changed} of {len(ids)} entries are still in the outbox", file=sys.stderr)
     print(f"{changed} message(s) due now; a running agent publishes them within a few seconds")
     return EX_OK if changed or not ids else EX_FAIL
 
 
-def _outbox_purge(db: sqlite3.Connection, ids: list[int], yes: bool) -> int:
-    where, values = _where_ids(ids)
-    count = db.execute(f"SELECT count(*) FROM outbox{where}", values).fetchone()[0]
+def _outbox_purge(db: Inspector, ids: list[int], yes: bool) -> int:
+    count = db.waiting_count(ids)
     if count == 0:
         print("nothing to purge")
         return EX_OK if not ids else EX_FAIL
@@ -624,8 +597,7 @@ def _outbox_purge(db: sqlite3.Connection, ids: list[int], yes: bool) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged")
             return EX_FAIL
-    with db:
-        deleted = db.execute(f"DELETE FROM outbox{where}", values).rowcount
+    deleted = db.purge(ids)
     print(f"purged {deleted} message(s)")
     return EX_OK
 
@@ -639,9 +611,7 @@ def history(config: Config, args: argparse.Namespace) -> int:
     if db is None:
         return EX_FAIL
     try:
-        rows = db.execute(
-            "SELECT * FROM (SELECT * FROM commands ORDER BY seq DESC LIMIT ?) ORDER BY seq", [max(1, args.limit)]
-        ).fetchall()
+        rows = db.history(args.limit)
     finally:
         db.close()
     if not rows:

@@ -22,6 +22,9 @@ from environs import Env
 from errors import ConfigError
 from sealed import mask, maskable
 
+# Docker's own rule for container names: DOCKER_CONTAINER_NAME here, container_name in docker_restart.
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
 VERSION = "1.0.0"
 
 # An agent id becomes part of channel and key names; keep it to what a hostname can hold.
@@ -425,8 +428,6 @@ def load(env_file: str | None = None) -> Config:
     # Resolved once, here: a symlink put into the whitelist or re-pointed later must not move it.
     repos = tuple(os.path.realpath(p) for p in repos)
     containers = r.list("DOCKER_CONTAINER_NAME", ("grafana",))
-    from handlers.docker import CONTAINER_NAME_RE
-
     for name in containers:
         if not CONTAINER_NAME_RE.fullmatch(name):
             raise ConfigError(

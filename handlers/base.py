@@ -17,13 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from config import Config
 from errors import NotAllowed, ValidationError
 from protocol import SIGNATURE_MAX_AGE, is_text, preview, unix_seconds
-
-if TYPE_CHECKING:
-    from config import Config
 
 log = logging.getLogger("cockpit_agent.handlers")
 

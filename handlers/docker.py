@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
+from config import CONTAINER_NAME_RE  # the same rule as for DOCKER_CONTAINER_NAME
 from errors import ValidationError
 from handlers.base import Action, Handler, string_param, whitelisted
 from protocol import preview
-
-# Docker's own rule for container names.
-CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 
 def prepare_restart(params, config) -> Action:

@@ -22,3 +22,66 @@ def outbox_depth(path: str) -> int | None:
             db.close()
     except sqlite3.Error:
         return None
+
+
+def _where_ids(ids: list[int]) -> tuple[str, list[int]]:
+    if not ids:
+        return "", []
+    return f" WHERE id IN ({','.join('?' * len(ids))})", list(ids)
+
+
+class Inspector:
+    """The operator command's view of the database (status, outbox, history): rows as
+    sqlite3.Row. Owned by one thread; ``close`` when done."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, timeout=10)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout=10000")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    def counts(self) -> dict[str, int]:
+        """Commands by state, plus the messages waiting in the outbox."""
+        counts = {"queued": 0, "running": 0, "done": 0}
+        for row in self.db.execute("SELECT state, count(*) AS n FROM commands GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        counts["outbox"] = self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        return counts
+
+    def oldest_waiting(self) -> float | None:
+        """When the oldest message in the outbox was written (unix s), or None."""
+        return self.db.execute("SELECT min(created_at) FROM outbox").fetchone()[0]
+
+    def outbox_rows(self) -> list[sqlite3.Row]:
+        """Every outbox row, oldest first."""
+        return self.db.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+
+    def outbox_row(self, outbox_id: int) -> sqlite3.Row | None:
+        """One outbox row, or None."""
+        return self.db.execute("SELECT * FROM outbox WHERE id = ?", [outbox_id]).fetchone()
+
+    def retry(self, ids: list[int]) -> int:
+        """Make these outbox rows (all, without ids) due now; how many there were."""
+        where, values = _where_ids(ids)
+        with self.db:
+            return self.db.execute(f"UPDATE outbox SET next_attempt_at = 0{where}", values).rowcount
+
+    def waiting_count(self, ids: list[int]) -> int:
+        """How many of these outbox rows (all, without ids) are still there."""
+        where, values = _where_ids(ids)
+        return self.db.execute(f"SELECT count(*) FROM outbox{where}", values).fetchone()[0]
+
+    def purge(self, ids: list[int]) -> int:
+        """Delete these outbox rows (all, without ids): their responses are never published."""
+        where, values = _where_ids(ids)
+        with self.db:
+            return self.db.execute(f"DELETE FROM outbox{where}", values).rowcount
+
+    def history(self, limit: int) -> list[sqlite3.Row]:
+        """The last ``limit`` commands, oldest first."""
+        return self.db.execute(
+            "SELECT * FROM (SELECT * FROM commands ORDER BY seq DESC LIMIT ?) ORDER BY seq", [max(1, limit)]
+        ).fetchall()

@@ -8,8 +8,8 @@ import logging
 import time
 
 import sealed
-from service.audit import Audit, Throttle, TokenBucket, redact
 from conftest import PASSWORD, SECRET, wait_for
+from service.audit import Audit, Throttle, TokenBucket, redact
 
 
 class Clock:

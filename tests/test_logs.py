@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from service import logs
 from conftest import PASSWORD, ROOT, wait_for
+from service import logs
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 

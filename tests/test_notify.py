@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from service import notify
 from conftest import wait_for
+from service import notify
 
 
 class NotifySocket:

@@ -3,7 +3,6 @@ ordering per target, duplicates, and malformed input that must never stop it."""
 
 import json
 import logging
-import sqlite3
 import subprocess
 import threading
 import time
@@ -185,8 +184,8 @@ def test_seed_redis_cli_session_verbatim(running_agent, redis_server):
 def test_worker_pool_lanes_hand_over_without_waiting(agent_env, config_from):
     """One Job per target in flight; finishing it puts the next one on the queue at once."""
     from agent import Agent
-    from runtime.workers import Job
     from handlers import Action
+    from runtime.workers import Job
 
     agent = Agent(config_from(agent_env))  # not started: the pool is driven by hand
     pool = agent.pool
@@ -326,7 +325,6 @@ def test_the_listener_tries_redis_again_within_a_second_other_errors_back_off_fu
     import redis
 
     from agent import Agent
-    from runtime.listener import Listener
 
     listener = Agent(config_from(agent_env)).listener  # not started: delays only
     down = [listener.retry_delay(redis.ConnectionError("refused")) for _ in range(20)]
@@ -475,7 +473,6 @@ def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_
     once as a flaky test_signed_messages.) The confirmation is held here until the replay's
     answer has come."""
     agent = running_agent()
-    flusher = agent.flusher
     in_confirm, release = threading.Event(), threading.Event()
     import runtime.flusher
 

@@ -108,8 +108,8 @@ def test_an_answer_no_one_hears_goes_to_the_flusher_and_reaches_a_late_subscribe
 def test_the_answer_publisher_reads_the_run_id_once_per_connection(running_agent, redis_server):
     """Read once, trusted for every later PUBLISH on the same connection; read again after a
     Redis restart (a new connection), so a confirmation never trusts the wrong server."""
-    from runtime.publish import AnswerPublisher
     from outbox import Message
+    from runtime.publish import AnswerPublisher
 
     agent = running_agent()
     publisher = AnswerPublisher(agent.config)
