@@ -176,7 +176,6 @@ class Agent:
             redis_connected=self.redis_connected.is_set(),
             redis_down_since=self.listener.failing_since,
             queued=self.pool.pending(),
-            running=len(self.pool.running()),
             outbox=outbox_depth(self.config.outbox_db) if outbox else None,
             problems=problems(self.threads(), self.config),
             executed=self.executed.value,

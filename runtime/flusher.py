@@ -94,7 +94,6 @@ class Flusher(Loop):
     # Rows the intake published and confirmed itself are only deleted, in one DELETE for all
     # that came in this long: one per echo, in another thread, slowed the next echo down.
     delete_after = 0.1
-    hold_seconds = HOLD_SECONDS
 
     def _delay(self, run_id: str | None) -> float:
         return self.delete_after if run_id is None else self.confirm_after
@@ -186,7 +185,7 @@ class Flusher(Loop):
             # Held until confirmed, even for the instant of an immediate confirmation: a row
             # still due reads as "not published yet", and a replay of its command arriving in
             # that instant got no answer (Intake._duplicate waits for a due one).
-            self.store.hold(delivered, now + self.hold_seconds)
+            self.store.hold(delivered, now + HOLD_SECONDS)
             published_at = time.monotonic()
             for outbox_id in delivered:
                 self.unconfirmed[outbox_id] = (run_id, published_at)

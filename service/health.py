@@ -34,7 +34,6 @@ class Health:
     redis_connected: bool  # the subscription is confirmed: commands are heard
     redis_down_since: float | None  # monotonic s: since when the listener cannot reach Redis
     queued: int  # accepted commands waiting for a worker (on the queue or behind their target)
-    running: int  # commands the workers are running
     outbox: int | None  # messages waiting in the outbox; None: not read, or unreadable
     problems: tuple[str, ...]  # one phrase per dead or wedged thread
     executed: int  # commands run since the database was created (the registry's commands_executed)
