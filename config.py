@@ -233,7 +233,7 @@ class Config:
 
     def describe(self) -> str:
         """A one-line summary safe for logs (no secrets)."""
-        where = _redact_url(self.redis_url) if self.redis_url else f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        where = redact_url(self.redis_url) if self.redis_url else f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
         if self.redis_sentinels:
             where = (f"sentinel master {self.redis_sentinel_master} via "
                      f"{','.join(f'{h}:{p}' for h, p in self.redis_sentinels)}/{self.redis_db}")
@@ -250,9 +250,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+def redact_url(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part as ``***``: a Redis URL, or a git
+    remote (https tokens hide there). Text that is not a URL comes back as it is."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an unclosed [ in the host: redact by hand what looks like user:password@
+        return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"

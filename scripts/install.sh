@@ -16,7 +16,7 @@ INSTALL_VENV=${INSTALL_VENV:-1}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 . "$SRC/scripts/layout.sh"
 # The application: every top-level module plus these; tests, venvs and caches stay behind.
-APP_DIRS="runtime service handlers outbox systemd docs"
+APP_DIRS="cli runtime service handlers outbox systemd docs"
 APP_FILES="requirements.txt .env.example"
 
 if live && [ "$(id -u)" != 0 ]; then
@@ -50,7 +50,7 @@ install -d -m 0755 "$DESTDIR$APP"
 (cd "$DESTDIR$APP" && rm -rf -- $APP_DIRS ./*.py ./__pycache__)
 (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' ./*.py $APP_DIRS $APP_FILES) |
     tar -xf - --no-same-owner --no-same-permissions -C "$DESTDIR$APP"
-chmod -R u=rwX,go=rX "$DESTDIR$APP/runtime" "$DESTDIR$APP/service" "$DESTDIR$APP/handlers" "$DESTDIR$APP/outbox" \
+chmod -R u=rwX,go=rX "$DESTDIR$APP/cli" "$DESTDIR$APP/runtime" "$DESTDIR$APP/service" "$DESTDIR$APP/handlers" "$DESTDIR$APP/outbox" \
     "$DESTDIR$APP/systemd" "$DESTDIR$APP/docs"
 chmod 0644 "$DESTDIR$APP"/*.py "$DESTDIR$APP/requirements.txt" "$DESTDIR$APP/.env.example"
 say "installed the app to $DESTDIR$APP"

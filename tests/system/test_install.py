@@ -37,7 +37,7 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
     assert "wrote" in first.stdout and "agent.env from .env.example" in first.stdout
 
     app = dest / APP
-    for name in ("agent.py", "cli.py", "config.py", "protocol.py", "sealed.py", "errors.py", "runtime/listener.py",
+    for name in ("agent.py", "cli/__init__.py", "cli/check.py", "config.py", "protocol.py", "sealed.py", "errors.py", "runtime/listener.py",
                  "runtime/flusher.py", "service/notify.py", "service/metrics.py", "service/logs.py", "handlers/__init__.py", "handlers/loader.py", "outbox/schema.sql",
                  "handlers/examples/systemctl_restart.py", "docs/OPERATIONS.md", "requirements.txt", ".env.example"):
         assert (app / name).is_file(), name
