@@ -20,16 +20,24 @@ from runtime.loop import REDIS_DOWN
 # publication is confirmed; past it, it is due again and published again.
 HOLD_SECONDS = 30.0
 
-# Publishes a response and stores it at its result key in one step. The "delivered" marker
-# (``delivered_key``) makes a retry after a lost reply (Redis answered, the connection died
-# before we read it) a no-op instead of a second copy. Returns the number of receivers, or -1
-# if already delivered.
+# Publishes a response and stores it at its result key in one step; the result key is also its
+# own "delivered" mark, so an answer costs one key: the stored value is the response JSON as
+# published, followed by a newline once PUBLISH counted a receiver (JSON allows the trailing
+# whitespace; a caller's GET parses the same object either way). A retry after a lost reply
+# (Redis ran it, the connection died before we read its answer) then finds the delivered form
+# and is a no-op instead of a second copy. Returns the number of receivers, or -1 if already
+# delivered. GET is called with pcall: an ACL written before it was needed (docs/redis-acl.md)
+# only costs that retry's protection, never the answer.
 PUBLISH_ONCE = """
-if #KEYS == 2 and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if #KEYS == 1 then
+  local stored = redis.pcall('GET', KEYS[1])
+  if stored == ARGV[2] .. '\\n' then return -1 end
+end
 local receivers = redis.call('PUBLISH', ARGV[1], ARGV[2])
-if #KEYS == 2 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-  if receivers > 0 then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
+if #KEYS == 1 then
+  local value = ARGV[2]
+  if receivers > 0 then value = value .. '\\n' end
+  redis.call('SET', KEYS[1], value, 'EX', ARGV[3])
 end
 return receivers
 """
@@ -46,21 +54,9 @@ PUBLISH_ONCE_SHA = hashlib.sha1(PUBLISH_ONCE.encode()).hexdigest()
 RUN_ID_SHA = hashlib.sha1(RUN_ID.encode()).hexdigest()
 
 
-RESULT_PREFIX = "cockpit-agent-result:"
-DELIVERED_PREFIX = "cockpit-agent-delivered:"
-
-
-def delivered_key(result_key: str) -> str:
-    """The delivered marker of the response stored at ``result_key``:
-    ``cockpit-agent-delivered:{agent_id}:{command_id}``. Under a prefix of its own, because as
-    ``{result_key}:delivered`` the marker of command X was the result key of command
-    ``X:delivered``, and publishing that one silenced X's answer."""
-    return DELIVERED_PREFIX + (result_key[len(RESULT_PREFIX):] if result_key.startswith(RESULT_PREFIX) else result_key)
-
-
 def publish_once_args(message: Message, ttl: int) -> list[Any]:
     """The EVALSHA arguments of PUBLISH_ONCE for ``message``."""
-    keys = [message.result_key, delivered_key(message.result_key)] if message.result_key else []
+    keys = [message.result_key] if message.result_key else []
     return [PUBLISH_ONCE_SHA, len(keys), *keys, message.channel, message.payload, ttl]
 
 
@@ -105,39 +101,59 @@ def load_scripts(client: redis.Redis) -> None:
 
 
 class AnswerPublisher:
-    """The intake's own Redis connection, for publishing answers as soon as they are committed.
+    """Publishes answers as soon as they are committed, on the connection of ``client`` (the
+    agent's one command connection: ``runtime/connection.py``; the stream reader's own).
 
     It reads the run_id of the Redis it is connected to once per connection, not once per
     answer (INFO, even inside Lua, cost more than the PUBLISH): a TCP connection cannot
-    outlive the redis-server it reached, so every PUBLISH on it went to that run_id. A
-    reconnection during a call leaves the run_id unknown ("": confirmed only by publishing
-    again). Owned by one thread.
+    outlive the redis-server it reached, so every PUBLISH on it went to that run_id. Any
+    reconnection, by any thread using the connection, makes it unknown again, and one during a
+    call leaves it unknown ("": confirmed only by publishing again). Owned by one thread.
     """
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.client: redis.Redis | None = None
+    def __init__(self, config: Config, client: redis.Redis):
+        self.config, self.client = config, client
         self.run_id: str | None = None
         self.run_id_known = False  # False until read on the current connection
         self.connects = 0
+        self._watched: set[int] = set()
 
     def _connected(self, connection: Any) -> None:
         self.connects += 1
         self.run_id_known = False
 
+    def _connection(self) -> Any:
+        """The pool's connection, connected now (not inside the call: the run_id is then read in it)."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            if id(connection) not in self._watched:
+                self._watched.add(id(connection))
+                connection.register_connect_callback(self._connected)
+                self.run_id_known = False
+            if not connection.is_connected:
+                connection.connect()
+        except BaseException:
+            pool.release(connection)
+            raise
+        return connection
+
     def publish(self, messages: list[Message]) -> tuple[list[Any], str | None]:
         """As ``publish_messages``."""
-        if self.client is None:
-            client = self.config.redis_client(single_connection_client=True)  # connects now
-            client.connection.register_connect_callback(self._connected)
-            self.client = client
-        if not self.client.connection.is_connected:
-            self.client.connection.connect()  # now, not inside the call: the run_id is then read in it
+        connection = self._connection()
+        pool = self.client.connection_pool
         connects, known = self.connects, self.run_id_known
-        if known and len(messages) == 1:
-            results, run_id = [self._publish_one(messages[0])], None
-        else:
-            results, run_id = publish_messages(self.client, messages, self.config.result_ttl, read_run_id=not known)
+        try:
+            if known and len(messages) == 1:
+                results, run_id = [self._publish_one(connection, messages[0])], None
+            else:
+                pool.release(connection)
+                connection = None
+                results, run_id = publish_messages(self.client, messages, self.config.result_ttl,
+                                                   read_run_id=not known)
+        finally:
+            if connection is not None:
+                pool.release(connection)
         if self.connects != connects:
             return results, ""
         if known:
@@ -149,28 +165,36 @@ class AnswerPublisher:
     def confirm(self) -> bool:
         """True if a PING on the connection of the last ``publish`` is answered by the same
         server: the PUBLISHes before it are then final. False if that cannot be told."""
-        if self.client is None or not self.run_id_known:
+        if not self.run_id_known:
             return False
-        connects, connection = self.connects, self.client.connection
+        connects = self.connects
+        pool = self.client.connection_pool
+        try:
+            connection = pool.get_connection()
+        except Exception:
+            return False
         try:
             connection.send_command("PING")
             connection.read_response()
         except Exception:
             connection.disconnect()
             return False
+        finally:
+            pool.release(connection)
         return self.connects == connects
 
-    def _publish_one(self, message: Message) -> Any:
+    def _publish_one(self, connection: Any, message: Message) -> Any:
         """One answer, the common case, straight on the connection: redis-py's command path
         (retries, pooling, metrics hooks) cost a quarter of the round trip before the bytes left."""
-        connection = self.client.connection
         try:
             for attempt in (1, 2):
                 connection.send_command("EVALSHA", *publish_once_args(message, self.config.result_ttl))
                 try:
                     return connection.read_response()
                 except redis.exceptions.NoScriptError as exc:  # nothing ran; a Redis that forgot it
-                    load_scripts(self.client)
+                    for script in (PUBLISH_ONCE, RUN_ID):  # on this connection: it is ours for the turn
+                        connection.send_command("SCRIPT", "LOAD", script)
+                        connection.read_response()
                     if attempt == 2:
                         return exc
         except redis.ResponseError as exc:
@@ -180,13 +204,7 @@ class AnswerPublisher:
             raise
 
     def close(self) -> None:
-        """Close the connection."""
-        if self.client is not None:
-            try:
-                self.client.close()
-            except Exception:
-                pass
-            self.client = None
+        """Nothing of its own to close: the connection is the client's."""
 
 
 def read_run_id(client: redis.Redis) -> str | None:
