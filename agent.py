@@ -34,11 +34,12 @@ from outbox import Store
 from outbox.inspect import outbox_depth
 from outbox.owner import DatabaseLock, instance_id
 from runtime.answers import Answers
+from runtime.connection import OneConnection
 from runtime.flusher import Flusher
 from runtime.heartbeat import Heartbeat
 from runtime.inbox import Inbox
 from runtime.intake import Intake, IntakeLoop, StreamTwins
-from runtime.listener import Listener
+from runtime.listener import Listener, Probe
 from runtime.loop import Loop
 from runtime.recovery import recover, recover_when_writable, warn_unwritable_repos
 from runtime.signals import SignalWatcher
@@ -61,7 +62,11 @@ class Agent:
         self.started_at = time.time()
         self.db_lock = DatabaseLock(config.outbox_db)  # taken by start, before anything opens the store
         self.instance = instance_id(config.outbox_db)  # this machine + this database, in the registry
-        self.redis = config.redis_client()  # shared by the flusher, the heartbeat and the intake's refusals
+        # The one command connection (runtime/connection.py), taken in turns by the flusher, the
+        # heartbeat and the intake; with the listener's subscription, two per agent.
+        self.redis = config.redis_client(health_check_interval=0)
+        self.connection = OneConnection(self.redis, wait=2 * config.redis_socket_timeout + 5)
+        self.probe = Probe()  # the subscription self-check: published by the heartbeat, heard by the listener
         # What the threads signal each other with.
         self.outbox_wake = threading.Event()  # something for the flusher
         self.retry_now = threading.Event()  # Redis is back: what waits is due now
@@ -88,7 +93,8 @@ class Agent:
         self.heartbeat = Heartbeat(
             "heartbeat", config, self.redis, capabilities=registry.names(), started_at=self.started_at,
             instance=self.instance, executed=lambda: self.executed.value, connected=self.redis_connected,
-            stopping=self.stop_requested, now=self.heartbeat_now, every_beat=self.audit.report_suppressed)
+            stopping=self.stop_requested, now=self.heartbeat_now, probe=self.probe,
+            every_beat=self.audit.report_suppressed)
         self.watchdog = Watchdog("watchdog", config, self.listeners, self.intakes, self._give_up)
         self.stream_reader = None
         if config.command_stream:
@@ -121,8 +127,8 @@ class Agent:
         return IntakeLoop("intake", self.config, self.inbox, self.open_store, self.make_intake)
 
     def _new_listener(self) -> Listener:
-        return Listener("listener", self.config, self.inbox, online=self._online, offline=self.redis_connected.clear,
-                        lost=self._subscription_lost)
+        return Listener("listener", self.config, self.inbox, self.probe, online=self._online,
+                        offline=self.redis_connected.clear, lost=self._subscription_lost, client=self.redis)
 
     def _retire_listener(self, listener: Listener) -> None:
         listener.abandon()
@@ -141,6 +147,7 @@ class Agent:
     def _done(self, command: str, status: str, elapsed_ms: int) -> None:
         """A command finished (run by a worker, or answered on arrival)."""
         self.executed.add()
+        self.heartbeat.executed_changed()
         if self.metrics is not None:
             self.metrics.command_done(command, status, elapsed_ms)
 

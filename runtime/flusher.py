@@ -29,6 +29,8 @@ class Flusher(Loop):
     published itself on arrival (``handover``).
     """
 
+    reports_outages = False  # the listener says it for the agent
+
     batch = 500
 
     def __init__(self, name: str, config: Config, client: redis.Redis, open_store: Callable[[], Store],

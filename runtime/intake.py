@@ -52,7 +52,7 @@ class Intake:
         self.stream_twins = stream_twins
         self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
-        self.publisher = AnswerPublisher(self.config)
+        self.publisher = AnswerPublisher(self.config, client)
         # What a transaction produced, acted on only once it is committed (see ``_accept``):
         self._jobs: list[Job] = []  # to queue for the workers
         self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once

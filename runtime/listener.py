@@ -1,8 +1,10 @@
 """The listener: reads the command channel and hands every command to the inbox.
 
 It does nothing else with a command, so that it reads as fast as Redis writes. It also keeps
-the subscription honest: a PING that confirms each new subscription, liveness PINGs, and a
-probe it publishes on its own channel to prove the subscription is live.
+the subscription honest: a PING that confirms each new subscription, and the probe that the
+heartbeat publishes on the command channel with every beat (``Probe``): heard back here, it
+proves the subscription is live and the connection answers, so an idle agent costs Redis one
+round trip per interval. Only when the probes stop coming does the listener PING by itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import random
 import select
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +26,70 @@ from runtime.inbox import Inbox
 from runtime.loop import REDIS_DOWN, Loop
 
 PROBE_PREFIX = b"cockpit-agent-probe:"
-PROBE_EVERY = 3  # liveness intervals between two subscription self-checks
+
+
+class Probe:
+    """The subscription self-check, shared by the heartbeat (which publishes a probe on the
+    command channel inside each beat) and the listener (which looks for it on its subscription).
+
+    A PING answered on the subscriber connection proves the connection, not the subscription: a
+    server that dropped it (or a connection that came back without it) leaves a listener that
+    answers PINGs and hears nothing. PUBLISH counting no receiver means no subscription at all;
+    a probe that does not come back on our own subscription within the deadline means someone
+    else holds it. Either way the listener tears the subscription down and makes it again.
+    Probes are not JSON and never reach the Intake. Any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generation = 0  # the listener's subscription, counted: a probe is judged on its own
+        self.pending: tuple[bytes, float, int] | None = None  # payload, monotonic sent, generation
+        self.unheard = False  # PUBLISH counted no receiver: no subscription at all
+        self.refused = False  # the ACL refuses PUBLISH on the command channel: no self-check
+
+    def next(self) -> bytes:
+        """The payload for the next beat ("" once refused): a nonce, pending until heard."""
+        if self.refused:
+            return b""
+        payload = PROBE_PREFIX + f"{os.getpid()}-{random.getrandbits(64):016x}".encode()
+        with self._lock:
+            self.pending = (payload, time.monotonic(), self.generation)
+        return payload
+
+    def published(self, payload: bytes, receivers: int | None) -> None:
+        """The beat's PUBLISH of ``payload`` counted ``receivers``; None: refused, or not sent."""
+        with self._lock:
+            if self.pending is None or self.pending[0] != payload:
+                return
+            if receivers is None:
+                self.pending = None
+            elif receivers == 0 and self.pending[2] == self.generation:
+                self.pending, self.unheard = None, True
+
+    def heard(self, data: bytes | None = None) -> bool:
+        """Something came on the subscription (``data``: a probe): a probe waiting is answered by
+        it, and so is any command (one queued behind a flood is not lost). True if ``data`` is a probe."""
+        with self._lock:
+            if data is None or (self.pending is not None and data == self.pending[0]):
+                self.pending = None
+        return data is not None and data.startswith(PROBE_PREFIX)
+
+    def subscribed(self) -> None:
+        """The listener made a new subscription: what was pending was for the old one."""
+        with self._lock:
+            self.generation += 1
+            self.pending, self.unheard = None, False
+
+    def overdue(self, deadline: float) -> float | None:
+        """Seconds the pending probe of this subscription has waited, if past ``deadline``."""
+        with self._lock:
+            if self.pending is None or self.pending[2] != self.generation:
+                return None
+            waited = time.monotonic() - self.pending[1]
+            if waited <= deadline:
+                return None
+            self.pending = None
+            return waited
 
 
 def _as_pushed(response: Any) -> Any:
@@ -41,26 +107,32 @@ class Listener(Loop):
     """
 
     liveness_message = b"cockpit-agent-liveness"
-    # Its reconnect is what sends the backlog out once Redis is back (it wakes the flusher),
-    # so while Redis cannot be reached it tries again every 0.5-1 s, not every 2.5-5 s: each
-    # try is then one refused TCP connect, and the jitter spreads a fleet's reconnects.
-    reconnect_cap = 1.0
+    # Its reconnect is what sends the backlog out once Redis is back (it wakes the flusher, the
+    # heartbeat writes the registry), so while Redis cannot be reached it tries again after a
+    # delay drawn anew each time, uniformly from 0.2 to 4 s: each try is one refused TCP
+    # connect, an agent is back at most ~4 s after Redis, and a fleet's agents arrive spread
+    # over those 4 s instead of in one instant (10,000 agents: about 2,600 subscriptions a
+    # second, each with the command connection behind it), also after a restart of a moment.
+    reconnect_spread = (0.2, 4.0)
     # Bytes per recv() on the subscription (redis-py's default is 64 KiB): a burst is read in
     # fewer, larger reads.
     socket_read_size = 1024 * 1024
 
-    def __init__(self, name: str, config: Config, inbox: Inbox, online: Callable[[], None],
-                 offline: Callable[[], None], lost: Callable[[], None]):
-        """``online``: Redis confirmed the subscription; ``offline``: it is down or silent;
-        ``lost``: Redis closed it under us (what it held is gone). Never called by a listener
-        the watchdog abandoned: its successor speaks for the subscription."""
+    def __init__(self, name: str, config: Config, inbox: Inbox, probe: Probe, online: Callable[[], None],
+                 offline: Callable[[], None], lost: Callable[[], None], client: redis.Redis | None = None):
+        """``probe``: the self-check the heartbeat publishes; ``online``: Redis confirmed the
+        subscription; ``offline``: it is down or silent; ``lost``: Redis closed it under us (what
+        it held is gone). Never called by a listener the watchdog abandoned: its successor speaks
+        for the subscription. ``client``: the agent's command connection, for the rare question
+        (CONFIG GET) asked beside the subscription."""
         super().__init__(name, config)
-        self.inbox = inbox
+        self.inbox, self.probe, self.shared = inbox, probe, client
         self.online, self.offline, self.lost = online, offline, lost
         self.abandoned = False
 
     def setup(self) -> None:
-        self.client = self.config.redis_client()
+        # No health-check PING of redis-py's: the probes (and, without them, _check_liveness) judge.
+        self.client = self.config.redis_client(health_check_interval=0)
         # _buffered looks into redis-py's pure-Python parser to tell a message that has partly
         # arrived from none at all. hiredis, where installed, replaces that parser by default
         # and would bring back the loss _next_message prevents, so these connections keep it
@@ -68,8 +140,13 @@ class Listener(Loop):
         self.client.connection_pool.connection_kwargs["parser_class"] = PythonParser
         self.client.connection_pool.connection_kwargs["socket_read_size"] = self.socket_read_size
         self.pubsub: redis.client.PubSub | None = None
-        self.liveness_interval = max(1.0, min(15.0, float(self.config.heartbeat_interval)))
-        self.probes_refused = False
+        interval = max(1.0, float(self.config.heartbeat_interval))
+        # The heartbeat's probe comes every interval: a PING of our own only when it is late.
+        self.liveness_interval = interval
+        # Silent this long: not online (as before the probes, at most 40 s at the default 30 s).
+        self.silence_limit = max(2 * min(15.0, interval), interval + 2) + self.config.redis_socket_timeout
+        # A probe not back this long after it was published: the subscription is not live.
+        self.probe_deadline = min(15.0, interval) + self.config.redis_socket_timeout
         self.confirm_nonce: str | None = None  # the PING that confirms a new subscription
         self.confirm_sent_at = 0.0
         self.confirmed = False  # Redis has confirmed the current subscription once
@@ -99,9 +176,9 @@ class Listener(Loop):
         self.reconnects_seen = self.reconnects
         now = time.monotonic()
         self.confirmed = self.silenced = False
+        self.probe.subscribed()
         self._confirm(now)
         self.last_pong = self.last_ping = now
-        self.probe_sent_at, self.probe_nonce = now, None  # first self-check one interval from now
 
     def _confirm(self, now: float) -> None:
         # "online" must mean that commands are really heard. redis-py 8 counts a SUBSCRIBE as
@@ -149,16 +226,16 @@ class Listener(Loop):
             self.confirm_nonce = None  # a kept subscription, silent again: _check_liveness goes on
         self._check_liveness(now)
         if self.confirm_nonce is None and not self.silenced:
-            self._check_subscription(time.monotonic())
+            self._check_probe()
 
     def _received(self, data: bytes, now: float) -> None:
         """A message on the command channel: a probe of ours, or a command for the intake."""
         if data.startswith(PROBE_PREFIX):
-            self._probe_received(data)
+            self.probe.heard(data)
             return
         # A message heard proves the subscription; a probe queued behind a flood of
         # commands must not be taken for a lost one (reconnecting would drop some).
-        self.probe_sent_at, self.probe_nonce = now, None
+        self.probe.heard()
         if not self.inbox.put(data, 0.5):
             self._wait_for_room(data)
 
@@ -170,7 +247,8 @@ class Listener(Loop):
         while not self.inbox.put(data, 0.5, force=self.stop.is_set()):
             self.last_progress = time.monotonic()  # waiting for the intake thread, not stuck
         # Not reading was our choice, not Redis's silence.
-        self.last_pong = self.probe_sent_at = time.monotonic()
+        self.last_pong = time.monotonic()
+        self.probe.heard()
 
     def _next_message(self, wait: float) -> dict[str, Any] | None:
         """The next message from the subscription: waits up to ``wait`` s for one to start
@@ -222,8 +300,7 @@ class Listener(Loop):
         keepalive and TCP_USER_TIMEOUT (config.redis_kwargs), which close it within ~25 s.
         """
         silent = now - self.last_pong
-        if (silent > 2 * self.liveness_interval + self.config.redis_socket_timeout
-                and now - self.last_check >= self.liveness_interval):
+        if silent > self.silence_limit and now - self.last_check >= min(15.0, self.liveness_interval):
             self.last_check = now
             if not self.silenced:
                 self.silenced = True
@@ -236,7 +313,8 @@ class Listener(Loop):
             if self._server_answers() and not self._readable(1.0):
                 raise redis.ConnectionError(f"no answer from Redis on the subscription for {silent:.0f} s, "
                                             "while it answers on another connection")
-        if now - self.last_ping >= self.liveness_interval:
+        # Only when the heartbeat's probe is late (not confirmed yet, a stop, or its beat failed).
+        if silent >= self.liveness_interval + 1 and now - self.last_ping >= self.liveness_interval:
             self.pubsub.ping(self.liveness_message)
             self.last_ping = now
 
@@ -281,7 +359,7 @@ class Listener(Loop):
     def _pubsub_limit(self) -> str:
         """Redis's client-output-buffer-limit for pub/sub clients (hard, soft, seconds)."""
         try:
-            value = self.client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")
+            value = (self.shared or self.client).config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")
         except redis.RedisError:  # an ACL without CONFIG, or a renamed CONFIG
             value = ""
         words = (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).split()
@@ -290,57 +368,28 @@ class Listener(Loop):
                 return " ".join(words[i + 1:i + 4])
         return "unknown: CONFIG GET was refused; the default is 32mb 8mb 60"
 
+    def retry_delay(self, exc: Exception) -> float:
+        if isinstance(exc, REDIS_DOWN):
+            return random.uniform(*self.reconnect_spread)
+        return super().retry_delay(exc)
+
     def on_error(self, exc: Exception) -> None:
         if not self.abandoned:  # an abandoned listener must not speak for its replacement
             self.offline()
         self._close()
         super().on_error(exc)
 
-    # -- self-check: is the subscription really live? ------------------------------------------
-    #
-    # A PING answered on the subscriber connection proves the connection, not the subscription:
-    # a server that dropped it (or a connection that came back without it) leaves a listener that
-    # answers PINGs and hears nothing. So every few liveness intervals the listener publishes a
-    # probe on its own command channel through the normal client: PUBLISH counting no receiver
-    # means no subscription at all (PUBSUB NUMSUB would say the same); a probe that does not come
-    # back on our own subscription within the deadline means someone else holds it. Either way
-    # the subscription is torn down and made again. Probes are not JSON and never reach the Intake.
-
-    def _check_subscription(self, now: float) -> None:
-        interval = PROBE_EVERY * self.liveness_interval
-        if self.probe_nonce is not None:
-            if now - self.probe_sent_at > self.liveness_interval + self.config.redis_socket_timeout:
-                self.probe_nonce = None
-                if self._server_answers():  # else frozen since the PUBLISH: _check_liveness judges
-                    raise redis.ConnectionError(
-                        f"subscription to {self.config.command_channel} is not live: "
-                        f"our own probe did not come back within {now - self.probe_sent_at:.0f} s"
-                    )
-            return
-        if now - self.probe_sent_at < interval:
-            return
-        if self.probes_refused:
-            return
-        nonce = f"{os.getpid()}-{random.getrandbits(64):016x}"
-        self.probe_sent_at, self.probe_nonce = now, nonce
-        try:
-            receivers = self.client.publish(self.config.command_channel, PROBE_PREFIX + nonce.encode())
-        except redis.ResponseError as exc:  # e.g. an ACL without PUBLISH on the command channel
-            self.log.warning("subscription self-check disabled: Redis refused the probe (%s)", exc)
-            self.probes_refused, self.probe_nonce = True, None
-            return
-        except REDIS_DOWN:  # frozen or unreachable: no sign against the subscription; _check_liveness judges
-            self.probe_nonce = None
-            return
-        if receivers == 0:
-            self.probe_nonce = None
+    def _check_probe(self) -> None:
+        """The heartbeat's probe (``Probe``): no receiver, or not back in time, means the
+        subscription is not live; it is then torn down and made again."""
+        if self.probe.unheard:
+            self.probe.unheard = False
             raise redis.ConnectionError(f"subscription to {self.config.command_channel} is not live: "
                                         "Redis counts no subscriber on it")
-
-    def _probe_received(self, data: bytes) -> None:
-        if self.probe_nonce is not None and data == PROBE_PREFIX + self.probe_nonce.encode():
-            self.probe_nonce = None
-            self.probe_sent_at = time.monotonic()
+        waited = self.probe.overdue(self.probe_deadline)
+        if waited is not None and self._server_answers():  # else frozen since: _check_liveness judges
+            raise redis.ConnectionError(f"subscription to {self.config.command_channel} is not live: "
+                                        f"our own probe did not come back within {waited:.0f} s")
 
     def abandon(self) -> None:
         """Called from another thread on a stuck listener: stop it and close its sockets, so a

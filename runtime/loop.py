@@ -40,6 +40,9 @@ class Loop(threading.Thread):
     """
 
     backoff_cap = 5.0  # the longest wait after a failed iteration
+    # Whether this thread logs a plain Redis outage (and its end): the listener does, for the
+    # agent, so one outage is one line; the others fail quietly alongside it (debug).
+    reports_outages = True
     reconnect_cap = 5.0  # the same, when it failed because Redis could not be reached
 
     def __init__(self, name: str, config: Config):
@@ -51,6 +54,7 @@ class Loop(threading.Thread):
         self.reconnect_backoff = Backoff(cap=self.reconnect_cap)
         self.last_progress = time.monotonic()
         self.failing_since: float | None = None
+        self.quiet = False  # the failure going on was only logged at debug
 
     def setup(self) -> None:
         """Open what this thread owns (its Store, its Redis connection)."""
@@ -75,10 +79,13 @@ class Loop(threading.Thread):
         """Log a failed iteration: Redis outages once per outage, anything else in full."""
         if isinstance(exc, REDIS_DOWN):
             hint = self.config.explain_redis_error(exc)
-            if hint and self.failing_since is None:
+            if hint and self.failing_since is None and self.reports_outages:
                 self.log.error("cannot use Redis: %s (%s); retrying with backoff", hint, exc)
-            elif self.failing_since is None:
+            elif self.failing_since is None and self.reports_outages:
                 self.log.warning("Redis unreachable: %s", exc)
+            else:
+                self.log.debug("Redis unreachable: %s", exc)
+                self.quiet = self.quiet or not self.reports_outages
         else:
             self.log.exception("iteration failed; retrying")
 
@@ -104,8 +111,9 @@ class Loop(threading.Thread):
                 self.pause(self.retry_delay(exc))
             else:
                 if self.failing_since is not None:
-                    self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
-                    self.failing_since = None
+                    if not self.quiet:
+                        self.log.info("recovered after %.0f s", time.monotonic() - self.failing_since)
+                    self.failing_since, self.quiet = None, False
                 self.backoff.reset()
                 self.reconnect_backoff.reset()
             self.last_progress = time.monotonic()

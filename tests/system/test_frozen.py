@@ -107,7 +107,7 @@ def test_a_busy_listener_is_not_mistaken_for_a_dead_subscription(running_agent, 
         return real_handle(data)
 
     agent.intake_loop.intake.handle = slow_handle
-    listener.probe_sent_at = 0.0  # a probe goes out on the next turn, behind the burst below
+    agent.heartbeat_now.set()  # a beat, and its probe, go out now, behind the burst below
     ids = [backend.send("echo", {"message": f"burst {i}"}) for i in range(14)]  # ~5.6 s > the 4 s probe deadline
     for cid in ids:
         assert backend.wait(cid, 60)["status"] == "success"
@@ -124,8 +124,8 @@ def test_probe_refused_by_an_acl_disables_the_self_check_instead_of_reconnecting
     agent = running_agent(REDIS_USERNAME="agent", REDIS_PASSWORD="agent-pw-5521")
     backend = make_backend(agent.config.agent_id)
     listener, pubsub = agent.listener, agent.listener.pubsub
-    listener.probe_sent_at = 0.0
-    wait_for(lambda: listener.probes_refused, 10, message="the refused probe to be noticed")
+    agent.heartbeat_now.set()
+    wait_for(lambda: agent.probe.refused, 10, message="the refused probe to be noticed")
     assert backend.call("echo", {"message": "still served"})["output"] == "still served"
     assert agent.listener is listener and listener.pubsub is pubsub, "a refused probe must not tear down"
 

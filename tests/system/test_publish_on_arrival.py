@@ -109,18 +109,22 @@ def test_the_answer_publisher_reads_the_run_id_once_per_connection(running_agent
     """Read once, trusted for every later PUBLISH on the same connection; read again after a
     Redis restart (a new connection), so a confirmation never trusts the wrong server."""
     from outbox import Message
+    from runtime.connection import OneConnection
     from runtime.publish import AnswerPublisher
 
     agent = running_agent()
-    publisher = AnswerPublisher(agent.config)
+    client = agent.config.redis_client(health_check_interval=0)
+    one = OneConnection(client, wait=10)
+    publisher = AnswerPublisher(agent.config, client)
     message = Message("some-channel", "payload")
     calls = []
     try:
         results, run_id = publisher.publish([message])
         assert results == [0] and run_id == run_id_of(redis_server)
         assert publisher.run_id_known
-        real = publisher.client.connection.send_command
-        publisher.client.connection.send_command = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+        with one as connection:
+            real = connection.send_command
+        connection.send_command = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
         results, again = publisher.publish([message])
         assert again == run_id and calls == ["EVALSHA"], "one EVALSHA, no second look at INFO"
 
@@ -133,8 +137,9 @@ def test_the_answer_publisher_reads_the_run_id_once_per_connection(running_agent
             pass
         results, after = publisher.publish([message])
         assert after and after != before and after == run_id_of(redis_server)
+        assert len(client.connection_pool._available_connections) == 1, "one connection, made again"
     finally:
-        publisher.close()
+        client.close()
 
 
 def test_an_answer_whose_publish_fails_is_made_due_for_the_flusher(running_agent, make_backend, redis_server):
