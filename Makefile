@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e
+.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e fleet
 
 venv: $(VENV)/.installed
 
@@ -82,6 +82,12 @@ clean:
 # about 75 s the first time (debootstrap), 30 s after. Not part of `make test`.
 systemd-e2e: tools
 	bash scripts/systemd-e2e.sh
+
+# N real agents on one private redis-server: connections, idle commands, memory, keys, broadcast
+# and restart times, per agent and x 10,000 (bench/fleet.py); under 5 minutes for N=100.
+N ?= 100
+fleet: venv tools
+	$(BIN)/python bench/fleet.py -n $(N) $(FLEET_ARGS)
 
 # Long chaos runs: `make chaos ITERATIONS=200` (SEED=n replays one schedule). Prints the figures
 # and the seed of any failure.
