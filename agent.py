@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("run", help="run the agent in the foreground (the default)", parents=[common],
                    description="Run the agent in the foreground, configured by the environment (and .env).")
-    cli.add_commands(sub, common)
+    cli.add_commands(sub, common, parser)
     args = parser.parse_args(argv)
     args.env_file = getattr(args, "env_file", None)
     if args.cmd not in (None, "run"):

@@ -13,6 +13,7 @@ EX_NO_RESPONSE = 3  # `send`: no response within the timeout
 EX_UNAVAILABLE = 69  # Redis cannot be reached
 EX_SOFTWARE = 70  # a part of the agent died or is stuck for good: systemd restarts it
 EX_CONFIG = 78  # the configuration is invalid, or another agent holds the database
+EX_INTERRUPTED = 130  # an operator command stopped by Ctrl-C (128 + SIGINT, as the shell reports it)
 
 
 class AgentError(Exception):

@@ -14,13 +14,13 @@ from typing import Any
 import redis
 
 from cli.check import check
-from cli.common import redis_problem, where
+from cli.common import redis_problem, since, where
 from cli.history import history
 from cli.outbox import outbox
 from cli.send import send
 from cli.status import status
 from config import load
-from errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError
+from errors import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_UNAVAILABLE, ConfigError
 
 EXIT_CODES = """\
 exit codes:
@@ -30,9 +30,10 @@ exit codes:
   2   usage error (unknown option, malformed key=value)
   3   send: no response within --timeout, or no agent subscribed to the command channel
   69  Redis cannot be reached (or refuses the credentials)
-  78  the configuration is invalid (the line printed names the variable)"""
+  78  the configuration is invalid (the line printed names the variable)
+  130 interrupted (Ctrl-C)
 
-
+see also: cockpit-agent help COMMAND, man 8 cockpit-agent, docs/OPERATIONS.md"""
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -51,13 +52,30 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the operator commands to ``agent.py``'s sub-parsers."""
+def _since(text: str) -> float:
+    try:
+        return since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+                 top: argparse.ArgumentParser | None = None) -> None:
+    """Add the operator commands to ``agent.py``'s sub-parsers (``top`` is the parser itself,
+    for ``help``)."""
     fmt = argparse.RawDescriptionHelpFormatter
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description, epilog=EXIT_CODES,
                               formatter_class=fmt, parents=[common])
+
+    def reads_the_database(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", metavar="PATH",
+                       help="the agent's database (default: OUTBOX_DB from the environment or the settings file, "
+                            "else /var/lib/cockpit-agent/outbox.db); nothing else of the configuration is needed")
+
+    def json_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--json", action="store_true", help=f"print {what}, for scripts")
 
     add("check", "check the configuration, Redis, the repositories and docker",
         "Check the configuration, the Redis connection (auth, TLS), that every whitelisted repository is a "
@@ -67,7 +85,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = add("send", "send a command as the backend does and print the response",
             "Send COMMAND to an agent the way the Cockpit backend does (subscribe to the responses first, "
             "sign when COCKPIT_SHARED_SECRET is set), wait for the response and print it as JSON. If the "
-            "reply on the channel was missed, read it from the result key instead.\n\n"
+            "reply on the channel was missed, read it from the result key instead. While it waits, a "
+            "line on stderr counts the seconds when stderr is a terminal (nothing when it is not).\n\n"
             "examples:\n  cockpit-agent send echo message=hi\n  cockpit-agent send git_pull branch=main\n"
             "  cockpit-agent send docker_restart container_name=grafana --timeout 90")
     p.add_argument("command", metavar="COMMAND", help="the command name, e.g. echo, git_pull")
@@ -77,35 +96,88 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--timeout", metavar="S", type=float, default=30.0,
                    help="seconds to wait for the response (default 30)")
 
-    add("status", "show the registry entry, heartbeat age and the local queue and outbox",
-        "Show the agent's registry entry in Redis (agents:{id}), how old its heartbeat is, and the local "
-        "counts from its SQLite file (queued, running, done, waiting in the outbox).")
+    p = add("status", "show the registry entry, heartbeat age and the local queue and outbox",
+            "Show the agent's registry entry in Redis (agents:{id}), how old its heartbeat is, and the local "
+            "counts from its SQLite file (queued, running, done, waiting in the outbox).")
+    json_flag(p, "one JSON object (agent_id, registry, online, heartbeat_age_s, local, ...)")
+    reads_the_database(p)
 
     p = add("outbox", "list, show, retry or purge messages waiting to be published",
-            "Inspect the outbox: the responses still waiting to be published.\n\n"
-            "  outbox list            what waits, oldest first\n"
-            "  outbox show ID         one message in full\n"
-            "  outbox retry [ID ...]  make them due now (all when no ID); the agent publishes within seconds\n"
-            "  outbox purge [ID ...]  delete them (all when no ID): they will never be delivered")
+            "Inspect the outbox: the responses still waiting to be published. Only the database is read, "
+            "so no Redis settings are needed. An entry is named by its row ID (outbox list) or by its "
+            "COMMAND_ID.\n\n"
+            "  outbox list               what waits, oldest first\n"
+            "  outbox show ID            one message in full\n"
+            "  outbox retry [ID ...]     make them due now (all when no ID); the agent publishes within seconds\n"
+            "  outbox purge [ID ...]     delete them (all when no ID): they will never be delivered")
     p.add_argument("action", choices=["list", "show", "retry", "purge"], nargs="?", default="list")
-    p.add_argument("ids", metavar="ID", nargs="*", type=int)
+    p.add_argument("refs", metavar="ID", nargs="*", help="a row id or a command_id")
     p.add_argument("--yes", "-y", action="store_true", help="purge without asking")
+    json_flag(p, "one JSON object per row (list, show)")
+    reads_the_database(p)
 
-    p = add("history", "the last commands with their status and duration",
-            "The last N commands the agent accepted, oldest first, from its SQLite file.")
+    p = add("history", "the last commands with their status and duration; history show ID: one in full",
+            "The last N commands the agent accepted, oldest first, from its SQLite file (no Redis settings "
+            "needed).\n\n"
+            "  history [-n N] [--status S] [--command NAME] [--since AGE|TIME]\n"
+            "  history show COMMAND_ID   the command, its full output and the response JSON as published\n\n"
+            "examples:\n  cockpit-agent history --status error --since 1d\n"
+            "  cockpit-agent history --command git_pull --since 2026-12-01T08:00 --json")
+    p.add_argument("action", choices=["list", "show"], nargs="?", default="list")
+    p.add_argument("command_id", metavar="COMMAND_ID", nargs="?", help="for show: the command's id")
     p.add_argument("-n", "--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--status", choices=["success", "error", "queued", "running", "done"],
+                   help="only commands that ended so (success, error) or are in this state")
+    p.add_argument("--command", metavar="NAME", help="only this command (echo, git_pull, ...)")
+    p.add_argument("--since", metavar="AGE|TIME", type=_since,
+                   help="only commands received since: 90s, 10m, 2h, 1d, 1w ago, or an ISO time (local "
+                        "unless it has an offset)")
+    json_flag(p, "one JSON object per command (list: without output and response; show: everything)")
+    reads_the_database(p)
+
+    topics = [name for name in sub.choices if name != "help"]
+    p = sub.add_parser("help", help="this list, or one command's options: help COMMAND",
+                       description="Print the commands, or the options of one.", epilog=EXIT_CODES,
+                       formatter_class=fmt, parents=[common])
+    p.add_argument("topic", metavar="COMMAND", nargs="?", choices=topics,
+                   help=f"one of: {', '.join(topics)}")
+    p.set_defaults(parsers={**sub.choices, None: top})
+
+
+def _help(args: argparse.Namespace) -> int:
+    parser = args.parsers.get(args.topic)
+    if parser is None:  # agent.py did not hand over the top parser
+        parser = args.parsers["help"]
+    parser.print_help()
+    return EX_OK
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the operator command in ``args.cmd``; returns the exit code."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\ncockpit-agent: interrupted", file=sys.stderr)
+        return EX_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "help":
+        return _help(args)
     if args.cmd == "check":
         return check(args.env_file)
+    if args.cmd in ("history", "outbox"):  # only the database: no Redis settings needed
+        try:
+            return {"history": history, "outbox": outbox}[args.cmd](args)
+        except ConfigError as exc:
+            print(f"cockpit-agent: configuration error: {exc}", file=sys.stderr)
+            return EX_CONFIG
     try:
         config = load(args.env_file)
     except ConfigError as exc:
         print(f"cockpit-agent: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    commands = {"send": send, "status": status, "outbox": outbox, "history": history}
+    commands = {"send": send, "status": status}
     try:
         return commands[args.cmd](config, args)
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:

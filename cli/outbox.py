@@ -4,34 +4,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
+from typing import Any
 
-from cli.common import age, one_line, open_db, when
-from config import Config
+from cli.common import age, database_path, iso, json_line, one_line, open_db, parsed_json, when
 from errors import EX_FAIL, EX_OK, EX_USAGE
 from outbox.inspect import Inspector
 
+TIMES = ("created_at", "next_attempt_at", "unheard_since")
 
-def outbox(config: Config, args: argparse.Namespace) -> int:
-    """``outbox list|show|retry|purge``."""
-    db = open_db(config)
+
+def outbox(args: argparse.Namespace) -> int:
+    """``outbox list|show|retry|purge``; an entry is named by its row id or its command_id."""
+    db = open_db(database_path(args.db, args.env_file))
     if db is None:
         return EX_FAIL
     try:
         if args.action == "list":
-            return _outbox_list(db)
+            return _outbox_list(db, args.json)
         if args.action == "show":
-            return _outbox_show(db, args.ids)
+            return _outbox_show(db, args.refs, args.json)
         if args.action == "retry":
-            return _outbox_retry(db, args.ids)
-        return _outbox_purge(db, args.ids, args.yes)
+            return _outbox_retry(db, args.refs)
+        return _outbox_purge(db, args.refs, args.yes)
     finally:
         db.close()
 
 
-def _outbox_list(db: Inspector) -> int:
+def _as_json(row: sqlite3.Row, payload: bool) -> dict[str, Any]:
+    """An outbox row for ``--json``: its columns (times as unix s, plus ``*_iso``); the payload,
+    as the JSON value it is, only with ``payload``."""
+    out: dict[str, Any] = {}
+    for key in row.keys():
+        if key == "payload":
+            if payload:
+                out[key] = parsed_json(row[key])
+            continue
+        out[key] = row[key]
+        if key in TIMES:
+            out[key + "_iso"] = iso(row[key] or None)
+    return out
+
+
+def _outbox_list(db: Inspector, as_json: bool) -> int:
     rows = db.outbox_rows()
+    if as_json:
+        for row in rows:
+            json_line(_as_json(row, payload=False))
+        return EX_OK
     if not rows:
         print("the outbox is empty: every response was delivered")
         return EX_OK
@@ -45,43 +67,61 @@ def _outbox_list(db: Inspector) -> int:
     return EX_OK
 
 
-def _outbox_show(db: Inspector, ids: list[int]) -> int:
-    if len(ids) != 1:
-        print("cockpit-agent: outbox show needs exactly one ID (see: outbox list)", file=sys.stderr)
+def _resolve(db: Inspector, refs: list[str]) -> list[int]:
+    """The row ids ``refs`` name; each ref that names nothing is said on stderr."""
+    ids, missing = db.resolve(refs)
+    for ref in missing:
+        print(f"cockpit-agent: no outbox entry {ref} (neither a row id nor a command_id waiting here; "
+              "delivered already?)", file=sys.stderr)
+    return ids
+
+
+def _outbox_show(db: Inspector, refs: list[str], as_json: bool) -> int:
+    if len(refs) != 1:
+        print("cockpit-agent: outbox show needs exactly one ID or COMMAND_ID (see: outbox list)", file=sys.stderr)
         return EX_USAGE
-    row = db.outbox_row(ids[0])
-    if row is None:
-        print(f"cockpit-agent: no outbox entry {ids[0]} (already delivered?)", file=sys.stderr)
+    ids = _resolve(db, refs)
+    if not ids:
         return EX_FAIL
-    for key in row.keys():
-        if key == "payload":
+    for n, outbox_id in enumerate(ids):
+        row = db.outbox_row(outbox_id)
+        if row is None:  # delivered between the two reads
             continue
-        value = row[key]
-        if key in ("created_at", "next_attempt_at", "unheard_since") and value:
-            value = f"{when(value)} ({value})"
-        print(f"{key + ':':<17}{value if value is not None else '-'}")
-    try:
-        payload = json.dumps(json.loads(row["payload"]), indent=2, ensure_ascii=False)
-    except ValueError:
-        payload = row["payload"]
-    print("payload:")
-    print(payload)
+        if as_json:
+            json_line(_as_json(row, payload=True))
+            continue
+        if n:
+            print()
+        for key in row.keys():
+            if key == "payload":
+                continue
+            value = row[key]
+            if key in TIMES and value:
+                value = f"{when(value)} ({value})"
+            print(f"{key + ':':<17}{value if value is not None else '-'}")
+        payload = parsed_json(row["payload"])
+        print("payload:")
+        print(json.dumps(payload, indent=2, ensure_ascii=False) if not isinstance(payload, str) else payload)
     return EX_OK
 
 
-def _outbox_retry(db: Inspector, ids: list[int]) -> int:
+def _outbox_retry(db: Inspector, refs: list[str]) -> int:
+    ids = _resolve(db, refs) if refs else []
+    if refs and not ids:
+        return EX_FAIL
     changed = db.retry(ids)
-    if ids and changed != len(ids):
-        print(f"cockpit-agent: only {changed} of {len(ids)} entries are still in the outbox", file=sys.stderr)
     print(f"{changed} message(s) due now; a running agent publishes them within a few seconds")
-    return EX_OK if changed or not ids else EX_FAIL
+    return EX_OK if changed or not refs else EX_FAIL
 
 
-def _outbox_purge(db: Inspector, ids: list[int], yes: bool) -> int:
+def _outbox_purge(db: Inspector, refs: list[str], yes: bool) -> int:
+    ids = _resolve(db, refs) if refs else []
+    if refs and not ids:
+        return EX_FAIL
     count = db.waiting_count(ids)
     if count == 0:
         print("nothing to purge")
-        return EX_OK if not ids else EX_FAIL
+        return EX_OK if not refs else EX_FAIL
     if not yes:
         if not sys.stdin.isatty():
             print(f"cockpit-agent: refusing to purge {count} message(s) without a terminal to ask on; "

@@ -57,14 +57,21 @@ def send(config: Config, args: argparse.Namespace) -> int:
             print(f"cockpit-agent: no agent is subscribed to cockpit-agent:{agent_id}; the command was not "
                   "delivered (is the agent running, and is the id right?)", file=sys.stderr)
             return EX_NO_RESPONSE
-        response = _wait_response(pubsub, command_id, deadline)
+        spinner = Spinner(sys.stderr, f"{args.command} on {agent_id}")
+        try:
+            response = _wait_response(pubsub, command_id, deadline, spinner)
+        finally:
+            spinner.clear()
     finally:
         try:
             pubsub.close()
         except Exception:
             pass
     if response is None:
-        response = _result_key(config, result_key, deadline=time.monotonic() + 2)
+        try:
+            response = _result_key(config, result_key, time.monotonic() + 2, spinner)
+        finally:
+            spinner.clear()
         if response is not None:
             print(f"cockpit-agent: the reply was missed on the channel; read it from {result_key}", file=sys.stderr)
     if response is None:
@@ -90,14 +97,48 @@ def _unknown_params(config: Config, command: str, params: dict[str, Any],
     return handler.params, handler.unknown(params)
 
 
-def _wait_response(pubsub, command_id: str, deadline: float) -> dict | None:
+class Spinner:
+    """Shows that ``send`` is waiting: ``| waiting for echo on host-1 ... 3 s`` redrawn on stderr
+    while it waits, wiped before the response is printed. Nothing at all when stderr is not a
+    terminal (a script, a pipe, a log file)."""
+
+    frames = "|/-\\"
+    after = 0.25  # an answer quicker than this shows no line at all (no flicker)
+
+    def __init__(self, stream, what: str):
+        self.stream, self.what = stream, what
+        self.on = stream.isatty()
+        self.every = 0.1 if self.on else 0.5  # how long a wait may block between redraws
+        self.started = time.monotonic()
+        self.drawn = 0
+
+    def tick(self) -> None:
+        """Redraw the line (a terminal only)."""
+        elapsed = time.monotonic() - self.started
+        if not self.on or elapsed < self.after:
+            return
+        frame = self.frames[self.drawn % len(self.frames)]
+        self.stream.write(f"\r{frame} waiting for {self.what} ... {int(elapsed)} s")
+        self.stream.flush()
+        self.drawn += 1
+
+    def clear(self) -> None:
+        """Wipe the line, so what follows starts on a clean one."""
+        if self.on and self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = 0
+
+
+def _wait_response(pubsub, command_id: str, deadline: float, spinner: Spinner) -> dict | None:
     """The response to ``command_id`` from the channel, or None at the deadline or on a lost connection."""
     while True:
+        spinner.tick()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
         try:
-            message = pubsub.get_message(timeout=min(remaining, 0.5))
+            message = pubsub.get_message(timeout=min(remaining, spinner.every))
         except (redis.ConnectionError, redis.TimeoutError):
             return None  # the result key still has it
         if not message or message.get("type") != "message":
@@ -110,9 +151,10 @@ def _wait_response(pubsub, command_id: str, deadline: float) -> dict | None:
             return response
 
 
-def _result_key(config: Config, key: str, deadline: float) -> dict | None:
+def _result_key(config: Config, key: str, deadline: float, spinner: Spinner) -> dict | None:
     client = config.redis_client()
     while True:
+        spinner.tick()
         try:
             raw = client.get(key)
         except (redis.ConnectionError, redis.TimeoutError):

@@ -63,6 +63,18 @@ class Inspector:
         """One outbox row, or None."""
         return self.db.execute("SELECT * FROM outbox WHERE id = ?", [outbox_id]).fetchone()
 
+    def resolve(self, refs: list[str]) -> tuple[list[int], list[str]]:
+        """The outbox rows that ``refs`` name, each a row id or a command_id (a row matches
+        either), in id order; and the refs that match no row."""
+        numbers = sorted({int(ref) for ref in refs if ref.isdigit()})
+        rows = self.db.execute(
+            f"SELECT id, command_id FROM outbox WHERE id IN ({','.join('?' * len(numbers))}) "
+            f"OR command_id IN ({','.join('?' * len(refs))}) ORDER BY id", [*numbers, *refs]).fetchall()
+        ids = {str(row["id"]) for row in rows}
+        command_ids = {row["command_id"] for row in rows}
+        missing = [ref for ref in refs if ref not in ids and ref not in command_ids]
+        return [row["id"] for row in rows], missing
+
     def retry(self, ids: list[int]) -> int:
         """Make these outbox rows (all, without ids) due now; how many there were."""
         where, values = _where_ids(ids)
@@ -80,8 +92,31 @@ class Inspector:
         with self.db:
             return self.db.execute(f"DELETE FROM outbox{where}", values).rowcount
 
-    def history(self, limit: int) -> list[sqlite3.Row]:
-        """The last ``limit`` commands, oldest first."""
+    def history(self, limit: int, status: str | None = None, command: str | None = None,
+                since: float | None = None) -> list[sqlite3.Row]:
+        """The last ``limit`` commands, oldest first; only those with this ``status``
+        (``success``/``error``, or a state: ``queued``, ``running``, ``done``), this ``command``,
+        received at or after ``since`` (unix s), when given."""
+        where, values = [], []
+        if status in ("success", "error"):
+            where.append("status = ?")
+            values.append(status)
+        elif status is not None:
+            where.append("state = ?")
+            values.append(status)
+        if command is not None:
+            where.append("command = ?")
+            values.append(command)
+        if since is not None:
+            where.append("received_at >= ?")
+            values.append(since)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
         return self.db.execute(
-            "SELECT * FROM (SELECT * FROM commands ORDER BY seq DESC LIMIT ?) ORDER BY seq", [max(1, limit)]
+            f"SELECT * FROM (SELECT * FROM commands{clause} ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [*values, max(1, limit)],
         ).fetchall()
+
+    def command(self, command_id: str) -> sqlite3.Row | None:
+        """The ``commands`` row of ``command_id`` (its full output and the response JSON as
+        published), or None."""
+        return self.db.execute("SELECT * FROM commands WHERE command_id = ?", [command_id]).fetchone()

@@ -377,7 +377,7 @@ def test_as_root_the_database_commands_run_as_the_files_owner(agent_env):
         listed = cli(env, "outbox", "list")
         assert listed.returncode == 0 and "cmd-1" in listed.stdout
         probe = subprocess.run(
-            [sys.executable, "-c", "import os, cli.common, config; cli.common.open_db(config.load()); print(os.geteuid(), os.getegid())"],
+            [sys.executable, "-c", "import os, cli.common, config; cli.common.open_db(config.load().outbox_db); print(os.geteuid(), os.getegid())"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert probe.stdout.split() == [str(nobody), str(nobody)], probe.stderr
     finally:
