@@ -4,7 +4,8 @@
 # As root on a Debian/Ubuntu host it creates the cockpit-agent system user (in the docker
 # group when there is one), installs the app and its venv under /opt/cockpit-agent, writes
 # /etc/cockpit-agent/agent.env from .env.example unless it exists, makes the state directory,
-# installs the unit and the `cockpit-agent` command, then reloads systemd and enables the unit.
+# installs the unit, the `cockpit-agent` command and its manual page, then reloads systemd and
+# enables the unit.
 #
 # With DESTDIR=/some/dir everything is staged under that directory instead, and the steps
 # that need a live system (user, group, ownership, systemctl) are skipped.
@@ -134,6 +135,10 @@ WRAP
 chmod 0755 "$DESTDIR$WRAPPER.tmp"
 mv -f "$DESTDIR$WRAPPER.tmp" "$DESTDIR$WRAPPER"
 say "installed the command $DESTDIR$WRAPPER"
+
+install -d -m 0755 "$DESTDIR$(dirname "$MANPAGE")"
+install -m 0644 "$SRC/docs/cockpit-agent.8" "$DESTDIR$MANPAGE"
+say "installed the manual page $DESTDIR$MANPAGE (man 8 cockpit-agent)"
 
 if live; then
     if [ -d /run/systemd/system ]; then

@@ -7,6 +7,7 @@ CONF=/etc/cockpit-agent
 STATE=/var/lib/cockpit-agent
 UNIT=/etc/systemd/system/cockpit-agent.service
 WRAPPER=/usr/local/bin/cockpit-agent
+MANPAGE=/usr/local/share/man/man8/cockpit-agent.8
 ENV_FILE=$CONF/agent.env
 
 live() { [ -z "$DESTDIR" ]; }

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Removes cockpit-agent (`make uninstall`): the app, the unit and the command. The state
+# Removes cockpit-agent (`make uninstall`): the app, the unit, the command and its manual page. The state
 # (/var/lib/cockpit-agent: the outbox, its history and its lock file) and /etc/cockpit-agent (agent.env,
 # handlers.d) are kept unless PURGE=1, which also removes the system user.
 # DESTDIR works as for install.sh.
@@ -16,9 +16,9 @@ if live && [ -d /run/systemd/system ]; then
     systemctl disable --now cockpit-agent.service 2>/dev/null || true
     say "stopped and disabled cockpit-agent.service"
 fi
-rm -f "$DESTDIR$UNIT" "$DESTDIR$WRAPPER"
+rm -f "$DESTDIR$UNIT" "$DESTDIR$WRAPPER" "$DESTDIR$MANPAGE"
 rm -rf "$DESTDIR$APP"
-say "removed $DESTDIR$APP, $DESTDIR$UNIT and $DESTDIR$WRAPPER"
+say "removed $DESTDIR$APP, $DESTDIR$UNIT, $DESTDIR$WRAPPER and $DESTDIR$MANPAGE"
 if live && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi

@@ -16,6 +16,7 @@ from conftest import ROOT
 
 UNIT = ROOT / "systemd" / "cockpit-agent.service"
 APP, CONF, STATE = "opt/cockpit-agent", "etc/cockpit-agent", "var/lib/cockpit-agent"
+MANPAGE = "usr/local/share/man/man8/cockpit-agent.8"
 
 
 def make(target: str, destdir, **variables: str) -> subprocess.CompletedProcess:
@@ -57,6 +58,9 @@ def test_staged_install_lays_out_the_tree_and_is_idempotent(tmp_path):
     assert mode(wrapper) == 0o755
     assert "exec /opt/cockpit-agent/venv/bin/python /opt/cockpit-agent/agent.py" in wrapper.read_text()
     assert "COCKPIT_AGENT_ENV_FILE:=/etc/cockpit-agent/agent.env" in wrapper.read_text()
+    manpage = dest / MANPAGE
+    assert manpage.read_text() == (ROOT / "docs" / "cockpit-agent.8").read_text() and mode(manpage) == 0o644
+    assert "installed the manual page" in first.stdout and "man 8 cockpit-agent" in first.stdout
 
     # The staged copy is a complete app: it imports and parses its command line on its own.
     result = subprocess.run([sys.executable, str(app / "agent.py"), "check", "--help"], cwd=tmp_path,
@@ -107,6 +111,7 @@ def test_uninstall_keeps_state_and_settings_unless_purge(tmp_path):
     assert not (dest / APP).exists()
     assert not (dest / "etc/systemd/system/cockpit-agent.service").exists()
     assert not (dest / "usr/local/bin/cockpit-agent").exists()
+    assert not (dest / MANPAGE).exists()
     assert (dest / STATE / "outbox.db").exists() and (dest / CONF / "agent.env").exists()
     make("uninstall", dest, PURGE="1")
     assert not (dest / STATE).exists() and not (dest / CONF).exists()
@@ -205,8 +210,8 @@ def test_unit_exposure_score_is_at_most_2_5(systemd_analyze, tmp_path):
 
 # -- the live (root) path, on a stand-in for a fresh host -----------------------------------------
 
-# Runs inside a private mount namespace (unshare -m): /etc is a copy, /opt, /var/lib, /run and
-# /usr/local/bin are empty tmpfs, so useradd, chown and the unit land there and vanish with the
+# Runs inside a private mount namespace (unshare -m): /etc is a copy, /opt, /var/lib, /run,
+# /usr/local/bin and /usr/local/share are empty tmpfs, so useradd, chown and the unit land there and vanish with the
 # namespace; the real host is never touched. systemctl is a stand-in on PATH (no systemd runs
 # here) that records its arguments; /run/systemd/system makes install.sh believe systemd runs.
 LIVE_INSTALL = r"""
@@ -214,7 +219,7 @@ set -eu
 mount --make-rprivate /
 cp -a /etc "$WORK/etc"
 mount --bind "$WORK/etc" /etc
-for dir in /opt /var/lib /run /usr/local/bin; do mount -t tmpfs tmpfs "$dir"; done
+for dir in /opt /var/lib /run /usr/local/bin /usr/local/share; do mount -t tmpfs tmpfs "$dir"; done
 mkdir -p /run/systemd/system
 groupadd --system docker
 export PATH="$WORK/fakebin:$PATH"
@@ -226,7 +231,7 @@ echo "user: $(id -nG cockpit-agent)"
 echo "shell: $(getent passwd cockpit-agent | cut -d: -f6,7)"
 for path in /etc/cockpit-agent /etc/cockpit-agent/agent.env /etc/cockpit-agent/handlers.d \
             /var/lib/cockpit-agent /opt/cockpit-agent/agent.py /etc/systemd/system/cockpit-agent.service \
-            /usr/local/bin/cockpit-agent; do
+            /usr/local/bin/cockpit-agent /usr/local/share/man/man8/cockpit-agent.8; do
     echo "stat: $path $(stat -c '%U:%G %a' "$path")"
 done
 echo "env: $(tail -n 1 /etc/cockpit-agent/agent.env)"
@@ -244,7 +249,7 @@ echo "root runs: $(/usr/local/bin/cockpit-agent check 'two words')"
 mkdir -p /run/credentials/cockpit-agent.service  # what systemd makes for LoadCredential= while the unit runs
 echo "with credentials: $(/usr/local/bin/cockpit-agent status)"
 make --no-print-directory uninstall PURGE=1 > "$WORK/purge.out"
-echo "after purge: $(getent passwd cockpit-agent || echo no user) $(ls /opt /etc/systemd/system | grep -c cockpit || true)"
+echo "after purge: $(getent passwd cockpit-agent || echo no user) $(ls /opt /etc/systemd/system /usr/local/share/man/man8 | grep -c cockpit || true)"
 """
 
 
@@ -275,6 +280,7 @@ def test_live_install_as_root_on_a_private_stand_in_host(tmp_path):
     assert "stat: /opt/cockpit-agent/agent.py root:root 644" in facts
     assert "stat: /etc/systemd/system/cockpit-agent.service root:root 644" in facts
     assert "stat: /usr/local/bin/cockpit-agent root:root 755" in facts
+    assert "stat: /usr/local/share/man/man8/cockpit-agent.8 root:root 644" in facts
     assert "env: REDIS_PASSWORD=set-by-the-operator" in facts
     # `sudo cockpit-agent check` runs as the service would: its user and groups, its HOME. As
     # root it refused the settings file, which the agent's user owns (found under a real systemd).
