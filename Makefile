@@ -41,6 +41,8 @@ fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz EXAMPLES=$(EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 \
 		--hypothesis-show-statistics $(PYTEST_ARGS)
 
+# Round trips with the backend's commands, then Redis killed while a command runs: the answer
+# waits in SQLite (the sqlite3 shell, `outbox list`) and is delivered once Redis is back. ~5 s.
 demo: venv tools
 	$(BIN)/python scripts/demo.py
 
