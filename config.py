@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from environs import Env
 
 from errors import ConfigError
+from protocol import SIGNATURE_MAX_AGE
 from sealed import mask, maskable
 
 # Docker's own rule for container names: DOCKER_CONTAINER_NAME here, container_name in docker_restart.
@@ -78,6 +79,7 @@ class Config:
     max_message_bytes: int = 1024 * 1024
     response_retry_seconds: int = 300
     result_ttl: int = 3600
+    command_retention: int = 7 * 86400  # s a done command is kept in the database, then pruned
     shutdown_grace: float = 20.0
     listener_stall_timeout: float = 60.0
     listener_buffer_bytes: int = 256 * 1024 * 1024
@@ -462,6 +464,13 @@ def load(env_file: str | None = None) -> Config:
     if sentinels and redis_url:
         raise ConfigError("REDIS_URL: not allowed together with REDIS_SENTINELS (the sentinels name the master)")
 
+    # Longer than the signature window, so that a replay of a signed command is either refused
+    # as stale or found in the database (PROTOCOL.md); a pruned one would run again.
+    command_retention = r.int("COMMAND_RETENTION", 7 * 86400, 1)
+    if command_retention <= SIGNATURE_MAX_AGE:
+        raise ConfigError(f"COMMAND_RETENTION: expected more than the {SIGNATURE_MAX_AGE} s signature window "
+                          f"(a replayed command must be stale before it is forgotten), got {command_retention}")
+
     shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
     return Config(
         agent_id=agent_id,
@@ -494,6 +503,7 @@ def load(env_file: str | None = None) -> Config:
         max_message_bytes=r.int("MAX_MESSAGE_BYTES", 1024 * 1024, 1024),
         response_retry_seconds=r.int("RESPONSE_RETRY_SECONDS", 300, 0),
         result_ttl=r.int("RESULT_TTL", 3600, 1),
+        command_retention=command_retention,
         shutdown_grace=r.float("SHUTDOWN_GRACE", 20.0, 0.0),
         listener_stall_timeout=r.float("LISTENER_STALL_TIMEOUT", 60.0, 1.0),
         listener_buffer_bytes=r.int("LISTENER_BUFFER_BYTES", 256 * 1024 * 1024, 1024 * 1024),

@@ -420,9 +420,9 @@ def fill_outbox(s: Subject, n: int) -> list[tuple[str, str]]:
         rows.append((command_id, payload))
     with conn:
         conn.executemany(
-            "INSERT INTO commands (command_id, command, params, sender, state, status, output, execution_time_ms, "
+            "INSERT INTO commands (command_id, command, params, sender, state, status, execution_time_ms, "
             "received_at, started_at, finished_at, response) "
-            "VALUES (?, 'echo', '{\"message\":\"ping\"}', 'cockpit-bench', 'done', 'success', 'ping', 0, ?, ?, ?, ?)",
+            "VALUES (?, 'echo', '{\"message\":\"ping\"}', 'cockpit-bench', 'done', 'success', 0, ?, ?, ?, ?)",
             [(cid, now, now, now, payload) for cid, payload in rows],
         )
         conn.executemany(

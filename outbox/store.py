@@ -25,7 +25,31 @@ import sqlite_utils
 from errors import StoreUnavailable
 
 SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Version 1 kept each output twice (``output`` and inside ``response``) and had no views: its
+# ``commands`` table is rebuilt with ``output`` read from the response, ``full_output`` kept
+# only where the response holds a truncated copy. The rest of SCHEMA (views, ``pruned``) is
+# created as for a new file.
+_FROM_V1 = (
+    "DROP INDEX IF EXISTS commands_pending;\n"
+    "ALTER TABLE commands RENAME TO commands_v1;\n"
+    + SCHEMA
+    + """
+INSERT INTO commands (seq, command_id, command, params, sender, state, status, error, execution_time_ms,
+                      received_at, started_at, finished_at, response, full_output)
+SELECT seq, command_id, command, params, sender, state, status, error, execution_time_ms,
+       received_at, started_at, finished_at, response,
+       CASE WHEN json_valid(response) AND output IS json_extract(response, '$.output') THEN NULL ELSE output END
+FROM commands_v1 ORDER BY seq;
+DELETE FROM sqlite_sequence WHERE name = 'commands';
+UPDATE sqlite_sequence SET name = 'commands' WHERE name = 'commands_v1';
+DROP TABLE commands_v1;
+"""
+)
+
+# What ``outbox.last_error`` says while the flusher cannot reach Redis (``mark_unreachable``).
+UNREACHABLE = "Redis unreachable since "
 
 # One lock per database file, shared by every Store of this process. SQLite lets one writer
 # in at a time and makes the others poll with sleeps of 1, 2, 5, 10... ms (busy_timeout);
@@ -46,6 +70,28 @@ def _write_lock(path: str) -> threading.Lock:
 
 # Params are kept as the wire's compact JSON, ASCII-only (exactly as protocol.encode writes it).
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (``executescript`` would commit first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+
+
+def _kept_output(full_output: str | None, payload: str) -> str | None:
+    """What ``commands.full_output`` keeps: the full output only where the response does not
+    carry it whole (each output is stored once; ``commands.output`` reads it from either)."""
+    if full_output is None or len(full_output) > len(payload):
+        return full_output
+    try:
+        sent = json.loads(payload).get("output")
+    except (ValueError, AttributeError):
+        return full_output
+    return None if sent == full_output else full_output
 
 
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,11 +151,13 @@ class Store:
     when SQLite fails (a full disk, an I/O error, a file it cannot open)."""
 
     @_guarded
-    def __init__(self, path: str, synchronous: str = "NORMAL"):
+    def __init__(self, path: str, synchronous: str = "NORMAL", clock: Callable[[], float] = time.time):
+        """``clock`` gives the unix time every row is stamped with (the soak simulates a year)."""
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, mode=0o700, exist_ok=True)
         self.path = path
+        self.clock = clock
         # isolation_level=None: no implicit transactions; writes that belong together use
         # ``immediate`` (BEGIN IMMEDIATE ... COMMIT), everything else autocommits. The hot
         # paths use ``_db.execute`` (a thin call); ``_db.query`` returns rows as dicts.
@@ -117,6 +165,9 @@ class Store:
         self._db = sqlite_utils.Database(conn, execute_plugins=False)
         self._write_lock = _write_lock(path)
         self._depth = 0  # nesting of immediate()
+        # Before anything writes the first page: a new file is created INCREMENTAL, so pruning
+        # can give pages back (``vacuum_step``). An older file needs one VACUUM (``vacuum``).
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit is in the WAL file before commit() returns, so it
         # survives the agent being killed (SIGKILL, OOM killer, a crash); only an OS crash or
@@ -129,9 +180,20 @@ class Store:
         # (after a catch-up or a scan) stays in the agent's resident memory for good.
         self._db.execute("PRAGMA cache_size=-256")
         if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            with self.immediate():
-                self._db.executescript(SCHEMA)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older file up to SCHEMA_VERSION, in one transaction."""
+        with self.immediate():
+            version = self._db.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                return  # another Store of this process did it meanwhile
+            tables = {row[0] for row in self._db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in self._db.conn.execute("PRAGMA table_xinfo(commands)")}
+            script = _FROM_V1 if "commands" in tables and "full_output" not in columns else SCHEMA
+            for statement in _statements(script):
+                self._db.conn.execute(statement)
+            self._db.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @_guarded
     def close(self) -> None:
@@ -194,7 +256,7 @@ class Store:
         output, and its answer queued for publishing, in the same transaction; ``hold_until``
         as in ``enqueue``.
         """
-        now = time.time()
+        now = self.clock()
         row: dict[str, Any] = {
             "command_id": command_id,
             "command": command,
@@ -206,9 +268,9 @@ class Store:
         if answer is not None:
             response, message = answer
             row.update(
-                state=State.DONE.value, status=response["status"], output=output, error=response["error"],
+                state=State.DONE.value, status=response["status"], error=response["error"],
                 execution_time_ms=response["execution_time_ms"], finished_at=now,
-                response=message.payload,
+                response=message.payload, full_output=_kept_output(output, message.payload),
             )
             if response["status"] == "success":
                 row["started_at"] = now  # it ran (counts in commands_executed)
@@ -232,7 +294,7 @@ class Store:
         with self.immediate():
             cursor = self._db.execute(
                 "UPDATE commands SET state = 'running', started_at = ? WHERE command_id = ? AND state = 'queued'",
-                [time.time(), command_id],
+                [self.clock(), command_id],
             )
         return cursor.rowcount == 1
 
@@ -251,12 +313,13 @@ class Store:
         False, writing and queuing nothing, when the row is not ``running``: it was answered
         already (an answer must never be replaced by a second one).
         """
-        now = time.time()
+        now = self.clock()
         with self.immediate():
             updated = self._db.execute(
-                "UPDATE commands SET state = 'done', status = ?, output = ?, error = ?, "
+                "UPDATE commands SET state = 'done', status = ?, full_output = ?, error = ?, "
                 "execution_time_ms = ?, finished_at = ?, response = ? WHERE command_id = ? AND state = 'running'",
-                [status, full_output, error, execution_time_ms, now, message.payload, command_id],
+                [status, _kept_output(full_output, message.payload), error, execution_time_ms, now, message.payload,
+                 command_id],
             ).rowcount
             if updated:
                 self._enqueue(message, now)
@@ -266,7 +329,7 @@ class Store:
     def refuse(self, command_id: str, error: str, message: Message) -> bool:
         """Answer a queued command that will not run (it fails validation at start-up), in one
         transaction; False, writing and queuing nothing, when the row is not ``queued``."""
-        now = time.time()
+        now = self.clock()
         with self.immediate():
             updated = self._db.execute(
                 "UPDATE commands SET state = 'done', status = 'error', error = ?, execution_time_ms = 0, "
@@ -304,7 +367,7 @@ class Store:
         itself once this transaction is committed, and makes it due at once if that fails.
         """
         with self.immediate():
-            return self._enqueue(message, time.time(), hold_until)
+            return self._enqueue(message, self.clock(), hold_until)
 
     def _enqueue(self, message: Message, now: float, hold_until: float = 0.0) -> int:
         cursor = self._db.conn.execute(
@@ -317,7 +380,7 @@ class Store:
     @_guarded
     def due(self, limit: int, now: float | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` outbox rows whose turn has come, oldest first."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         return list(
             self._db.query(
                 "SELECT * FROM outbox WHERE next_attempt_at <= ? ORDER BY id LIMIT ?", [now, limit]
@@ -388,7 +451,7 @@ class Store:
         """Is a response of ``command_id`` still to go out: due, waiting for a receiver, or one
         of ``also`` (the outbox ids of answers not yet published)? One already published, held
         only until confirmed, is not."""
-        now = time.time()
+        now = self.clock()
         return any(
             outbox_id in also or next_attempt_at <= now or unheard_since is not None
             for outbox_id, next_attempt_at, unheard_since in self._db.execute(
@@ -399,7 +462,92 @@ class Store:
 
     @_guarded
     def executed_count(self) -> int:
-        """Commands that ran (started and done): the registry's ``commands_executed``."""
+        """Commands that ran (started and done), the pruned ones included: the registry's
+        ``commands_executed``."""
         return self._db.execute(
-            "SELECT count(*) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
+            "SELECT count(*) + (SELECT executed FROM pruned) FROM commands WHERE started_at IS NOT NULL AND state = 'done'"
         ).fetchone()[0]
+
+    # -- retention (see outbox/retention.py) ----------------------------------------------------
+
+    @_guarded
+    def prune(self, before: float, limit: int = 200) -> int:
+        """Delete up to ``limit`` done commands finished before ``before`` (unix s), oldest
+        first, in one short transaction; never one whose answer still waits in the outbox.
+        Returns how many went (fewer than ``limit``: none older is left)."""
+        with self.immediate():
+            rows = self._db.conn.execute(
+                "SELECT seq, started_at IS NOT NULL FROM commands WHERE state = 'done' AND finished_at < ? "
+                "AND command_id NOT IN (SELECT command_id FROM outbox WHERE command_id IS NOT NULL) "
+                "ORDER BY finished_at LIMIT ?", [before, limit]).fetchall()
+            if not rows:
+                return 0
+            seqs = [seq for seq, _ in rows]
+            self._db.conn.execute(f"DELETE FROM commands WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
+            self._db.conn.execute(
+                "UPDATE pruned SET commands = commands + ?, executed = executed + ?, last_at = ?",
+                [len(rows), sum(ran for _, ran in rows), self.clock()])
+        return len(rows)
+
+    @_guarded
+    def pruned(self) -> dict[str, Any]:
+        """What pruning removed so far: ``commands``, ``executed`` (of those, ran) and ``last_at``."""
+        return next(iter(self._db.query("SELECT commands, executed, last_at FROM pruned")))
+
+    @_guarded
+    def incremental(self) -> bool:
+        """Is the file in auto_vacuum=INCREMENTAL mode (pruned pages can be given back)?"""
+        return self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+    @_guarded
+    def free_pages(self) -> int:
+        """Pages in the file that hold nothing (freed by deletes, reused by the next inserts)."""
+        return self._db.execute("PRAGMA freelist_count").fetchone()[0]
+
+    @_guarded
+    def vacuum_step(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the file system; how many free pages remain.
+        Holds the write lock as long as that takes: a few ms per thousand pages."""
+        with self._write_lock:
+            # executescript steps the pragma to its end; execute() would free one page.
+            self._db.conn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+        return self._db.execute("PRAGMA freelist_count").fetchone()[0]
+
+    @_guarded
+    def vacuum(self) -> None:
+        """Rewrite the whole file once, in auto_vacuum=INCREMENTAL mode (a file made by an older
+        agent is not): every write of this process waits meanwhile; it needs free disk space
+        as large as the file."""
+        with self._write_lock:
+            self._db.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.conn.execute("VACUUM")
+
+    @_guarded
+    def size(self) -> int:
+        """The database's size in bytes (pages in use and free, as SQLite counts them)."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return page_size * self._db.execute("PRAGMA page_count").fetchone()[0]
+
+    # -- why messages wait ----------------------------------------------------------------------
+
+    @_guarded
+    def mark_unreachable(self, since: float, after_id: int = 0) -> int:
+        """Say on each waiting message after ``after_id`` that Redis has been unreachable since
+        ``since`` (unix s): ``last_error`` = ``Redis unreachable since HH:MM:SS UTC``, kept on
+        those that say it already. Returns the highest outbox id there is (the next call's
+        ``after_id``: one outage marks each row once)."""
+        text = UNREACHABLE + time.strftime("%H:%M:%S UTC", time.gmtime(since))
+        with self.immediate():
+            self._db.conn.execute(
+                "UPDATE outbox SET last_error = ? WHERE id > ? AND (last_error IS NULL OR last_error NOT LIKE ?)",
+                [text, after_id, UNREACHABLE + "%"])
+            return self._db.conn.execute("SELECT coalesce(max(id), ?) FROM outbox", [after_id]).fetchone()[0]
+
+    @_guarded
+    def clear_unreachable(self) -> int:
+        """Redis answers again: ``last_error`` goes back to what it was ('no receiver' for a
+        message that had none, else nothing); how many messages said it."""
+        with self.immediate():
+            return self._db.conn.execute(
+                "UPDATE outbox SET last_error = CASE WHEN unheard_since IS NOT NULL THEN 'no receiver' END "
+                "WHERE last_error LIKE ?", [UNREACHABLE + "%"]).rowcount

@@ -17,8 +17,10 @@ from typing import Any
 import redis
 
 from config import Config
+from errors import StoreUnavailable
 from outbox import Message, Store
-from runtime.loop import Loop
+from outbox.retention import Retention
+from runtime.loop import REDIS_DOWN, Loop
 from runtime.publish import HOLD_SECONDS, publish_messages, read_run_id
 
 
@@ -47,6 +49,10 @@ class Flusher(Loop):
         self.store = self.open_store()
         # outbox id -> (Redis run_id it was published on, monotonic time); see ``confirm``
         self.unconfirmed: dict[int, tuple[str | None, float]] = {}
+        # Pruning rides on this thread: it writes the database anyway, and is idle most of the time.
+        self.retention = Retention(self.store, self.config.command_retention)
+        # While Redis cannot be reached: since when (unix s), and the last outbox row told so.
+        self.unreachable: tuple[float, int] | None = None
 
     def pause(self, delay: float) -> None:
         """Wait on ``wake``: the listener's reconnect (flush_now) ends a backoff, so a backlog
@@ -60,6 +66,7 @@ class Flusher(Loop):
             self.wake.wait(delay)
 
     def loop_once(self) -> None:
+        self.retention.run_if_due()
         self._take_handed()
         if self.retry_now.is_set():
             self.retry_now.clear()
@@ -147,6 +154,18 @@ class Flusher(Loop):
                              "publishing them again", len(again))
             self.store.due_now(again)
 
+    def on_error(self, exc: Exception) -> None:
+        """Also say why the outbox waits: each row gets ``Redis unreachable since HH:MM:SS UTC``
+        (``outbox list``, the sqlite3 shell), until a publish gets through again."""
+        super().on_error(exc)
+        if not isinstance(exc, REDIS_DOWN):
+            return
+        since, marked = self.unreachable or (time.time(), 0)
+        try:
+            self.unreachable = (since, self.store.mark_unreachable(since, marked))
+        except StoreUnavailable as store_exc:
+            self.log.debug("cannot note the outage on the outbox rows: %s", store_exc)
+
     def teardown(self) -> None:
         try:
             self._take_handed()
@@ -192,6 +211,9 @@ class Flusher(Loop):
             for outbox_id in delivered:
                 self.unconfirmed[outbox_id] = (run_id, published_at)
         self.store.unheard(retries, now)
+        if self.unreachable is not None:  # Redis answered: the rows no longer wait for it
+            self.unreachable = None
+            self.store.clear_unreachable()
         if delivered and run_id is not None and self.confirm_after <= 0:
             self.confirm()
         if delivered:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
+import redis
 
-from conftest import sql, wait_for
+from conftest import ROOT, sql, wait_for
 from outbox import Message, Store
 from runtime.flusher import Flusher
+from runtime.loop import REDIS_DOWN
 
 
 @pytest.fixture
@@ -69,3 +75,57 @@ def test_rows_handed_over_already_confirmed_are_deleted_after_delete_after(parts
     assert flusher.wake.is_set()
     flusher.loop_once()
     assert store.counts()["outbox"] == 0
+
+
+def one_pass(flusher: Flusher) -> Exception | None:
+    """One iteration as ``Loop.run`` makes it: a failure goes to ``on_error``."""
+    try:
+        flusher.loop_once()
+    except Exception as exc:
+        flusher.on_error(exc)
+        return exc
+    return None
+
+
+def test_while_redis_is_unreachable_each_waiting_row_says_since_when(parts, agent_env):
+    config, store, flusher, redis_server = parts
+    flusher.client = redis.Redis(**config.redis_kwargs())  # the agent's own settings: one retry, no sleeps
+    store.enqueue(Message(config.response_channel, "{}", "c1", None))
+    redis_server.kill()
+    before = time.time()
+    assert isinstance(one_pass(flusher), REDIS_DOWN)
+    (last_error,) = {r[0] for r in sql(config.outbox_db, "SELECT last_error FROM outbox")}
+    match = re.fullmatch(r"Redis unreachable since (\d\d:\d\d:\d\d) UTC", last_error or "")
+    assert match, last_error
+    assert match[1] in {time.strftime("%H:%M:%S", time.gmtime(t)) for t in (before - 1, before, time.time())}
+    # A response written during the outage is told the same, and the outage keeps its start.
+    store.enqueue(Message(config.response_channel, "{}", "c2", None))
+    assert isinstance(one_pass(flusher), REDIS_DOWN)
+    assert [tuple(r) for r in sql(config.outbox_db, "SELECT command_id, attempts, last_error FROM outbox")] == [
+        ("c1", 0, last_error), ("c2", 0, last_error)]
+    # The operator sees it: the outbox command and the pending view.
+    listed = subprocess.run([sys.executable, str(ROOT / "agent.py"), "outbox", "list"], env=agent_env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert listed.returncode == 0, listed.stderr
+    assert [line for line in listed.stdout.splitlines() if line.rstrip().endswith(last_error)], listed.stdout
+    pending = subprocess.run(["sqlite3", config.outbox_db, "SELECT command_id, last_error FROM pending"],
+                             capture_output=True, text=True, check=True).stdout
+    assert pending.splitlines() == [f"c1|{last_error}", f"c2|{last_error}"]
+    # Redis back: published (no one subscribed here), the rows say that instead.
+    redis_server.start()
+    assert one_pass(flusher) is None
+    assert [tuple(r) for r in sql(config.outbox_db, "SELECT attempts, last_error FROM outbox")] == [
+        (1, "no receiver"), (1, "no receiver")]
+
+
+def test_the_outage_note_gives_way_to_what_a_row_said_before(parts):
+    config, store, flusher, redis_server = parts
+    flusher.client = redis.Redis(**config.redis_kwargs())
+    store.enqueue(Message(config.response_channel, "{}", "c1", None))
+    flusher.loop_once()  # no receiver
+    redis_server.kill()
+    flusher.retry_now.set()
+    assert isinstance(one_pass(flusher), REDIS_DOWN)
+    assert sql(config.outbox_db, "SELECT last_error FROM outbox")[0][0].startswith("Redis unreachable since ")
+    assert store.clear_unreachable() == 1
+    assert sql(config.outbox_db, "SELECT last_error FROM outbox")[0][0] == "no receiver"
