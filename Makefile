@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e fleet
+.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e fleet soak
 
 venv: $(VENV)/.installed
 
@@ -90,6 +90,12 @@ systemd-e2e: tools
 N ?= 100
 fleet: venv tools
 	$(BIN)/python bench/fleet.py -n $(N) $(FLEET_ARGS)
+
+# A year of health checks in a few minutes: N commands (1,000,000 unless N= is given), one per
+# simulated 30 s, through the real Store and its pruning (COMMAND_RETENTION 7 days); prints the
+# bound on the file's size it checks and the figures (bench/soak.py). SOAK_ARGS="--outage 0" etc.
+soak: venv
+	$(BIN)/python bench/soak.py -n $(if $(filter command line environment,$(origin N)),$(N),1000000) $(SOAK_ARGS)
 
 # Long chaos runs: `make chaos ITERATIONS=200` (SEED=n replays one schedule). Prints the figures
 # and the seed of any failure.
