@@ -16,16 +16,15 @@ CREATE TABLE IF NOT EXISTS commands (
     state             TEXT    NOT NULL DEFAULT 'queued'
                       CHECK (state IN ('queued', 'running', 'done')),
     status            TEXT    CHECK (status IN ('success', 'error')),  -- set once done
-    -- The full output: full_output where there is one, else the response's (stored once).
-    output            TEXT    GENERATED ALWAYS AS (coalesce(full_output, CASE WHEN json_valid(response)
-                                                   THEN json_extract(response, '$.output') END)) VIRTUAL,
+    full_output       TEXT,   -- where the response carries a truncated copy (OUTPUT_LIMIT), else NULL
     error             TEXT,
     execution_time_ms INTEGER,
     received_at       REAL    NOT NULL,
     started_at        REAL,
     finished_at       REAL,
     response          TEXT,                               -- the response JSON as published
-    full_output       TEXT    -- only where the response carries a truncated copy (OUTPUT_LIMIT)
+    output            TEXT    GENERATED ALWAYS AS (coalesce(full_output, CASE WHEN json_valid(response)
+                      THEN json_extract(response, '$.output') END)) VIRTUAL  -- the full output, stored once
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands (state) WHERE state != 'done';
 CREATE INDEX IF NOT EXISTS commands_done ON commands (finished_at) WHERE state = 'done';

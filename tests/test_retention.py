@@ -252,11 +252,14 @@ def test_a_version_1_file_is_migrated_in_place_and_vacuumed_once(tmp_path, clock
         assert sql(path, "PRAGMA user_version")[0][0] == 2
         rows = {r["command_id"]: dict(r) for r in sql(path, "SELECT * FROM commands")}
         assert list(rows) == ["e", "g", "q"] and [r["seq"] for r in rows.values()] == [1, 2, 4]
-        assert (rows["e"]["output"], rows["e"]["full_output"]) == ("hi \u00e9", None)  # stored once now
-        assert rows["g"]["output"] == rows["g"]["full_output"] == "a" * 1000 + "z"  # the untruncated one kept
+        assert rows["e"]["output"] == "hi \u00e9"  # (its second copy stays until it is pruned)
+        assert rows["g"]["output"] == rows["g"]["full_output"] == "a" * 1000 + "z"  # the untruncated one
         assert rows["q"]["state"] == "queued" and rows["q"]["output"] is None
         store.accept("new", "echo", {})
         assert store.get("new")["seq"] == 5  # the sequence went on
+        store.delivered([echo(store, "echo-v2", "stored once")])
+        assert sql(path, "SELECT output, full_output FROM commands WHERE command_id = 'echo-v2'")[0][:] == (
+            "stored once", None)
         assert {r[0] for r in sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'")} >= {
             "commands_pending", "commands_done"}
         assert [r[0] for r in sql(path, "SELECT command_id FROM unfinished")] == ["q", "new"]
