@@ -10,6 +10,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import threading
 from datetime import datetime, timezone
 
@@ -17,7 +18,7 @@ import pytest
 
 from config import Config
 from conftest import ROOT, sql
-from errors import ConfigError
+from errors import EX_CONFIG, ConfigError
 from outbox import Store
 from outbox.retention import Retention
 from runtime.answers import Answers
@@ -202,6 +203,12 @@ def test_command_retention_is_a_week_and_must_outlast_the_signature_window(agent
                                  "(a replayed command must be stale before it is forgotten), got 300")
     with pytest.raises(ConfigError, match="COMMAND_RETENTION: expected a whole number"):
         config_from({**agent_env, "COMMAND_RETENTION": "7d"})
+    started = subprocess.run([sys.executable, str(ROOT / "agent.py"), "run"], capture_output=True, text=True,
+                             env={**agent_env, "COMMAND_RETENTION": "120"}, timeout=60, stdin=subprocess.DEVNULL)
+    assert started.returncode == EX_CONFIG
+    (line,) = started.stderr.splitlines()  # one line, no traceback
+    assert line.endswith("COMMAND_RETENTION: expected more than the 300 s signature window (a replayed command "
+                         "must be stale before it is forgotten), got 120"), line
 
 
 # -- a file made by an older agent ----------------------------------------------------------------
