@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging(config)
     try:
-        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=args.env_file)
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=args.env_file).for_config(config)
     except ConfigError as exc:
         log.critical("configuration error: %s", exc)
         return EX_CONFIG

@@ -8,15 +8,19 @@ that line, in ``repr(config)`` or in any log.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import logging
 import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from environs import Env
 
 from errors import ConfigError
@@ -93,6 +97,9 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     handlers_dir: str | None = None
     stall_seconds: int = 60
+    # Variables load found set but does not read (a misspelt REDIS_HOTS): one line each, for
+    # `check`, the operator commands and the log at start.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def command_channel(self) -> str:
@@ -244,7 +251,7 @@ class Config:
             f"signing={'on' if self.shared_secret else 'off'} workers={self.worker_count} "
             f"stream={'on' if self.command_stream else 'off'} "
             f"outbox={self.outbox_db} repos={','.join(self.git_repo_paths)} "
-            f"containers={','.join(self.docker_containers)}"
+            + (f"containers={','.join(self.docker_containers)}" if self.docker_containers else "docker_restart=off")
         )
 
     def replace(self, **changes: Any) -> Config:
@@ -267,20 +274,71 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=user + netloc).geturl()
 
 
-class _Reader:
-    """Reads variables from the environment with environs, turning failures into one clear line."""
+def _collected(method):
+    """A reader method that records its ConfigError (``_Reader.fail``) and returns the default
+    instead, so that ``load`` reports every bad value at once."""
 
-    def __init__(self, env: Env):
+    @functools.wraps(method)
+    def read(self: _Reader, name: str, *args: Any) -> Any:
+        self.seen.add(name)
+        try:
+            return method(self, name, *args)
+        except ConfigError as exc:
+            self.fail(name, str(exc))
+            return args[0] if args else None
+
+    return read
+
+
+class _Reader:
+    """Reads variables with environs (the environment first, then the settings file) and
+    collects every bad value as one line naming the variable and where it was set."""
+
+    def __init__(self, env: Env, settings: str | None = None, file_values: dict[str, str | None] | None = None):
         self.env = env
+        self.settings = settings
+        self.file_values = file_values or {}
+        self.seen: set[str] = set()  # every name looked up: the known variables
+        self.errors: list[str] = []
+
+    def origin(self, name: str) -> str | None:
+        """Where ``name`` was set: ``the environment``, the settings file, or None (unset)."""
+        if name in os.environ:
+            return "the environment"
+        if self.file_values.get(name) is not None:
+            return self.settings
+        return None
+
+    def fail(self, name: str, text: str) -> None:
+        """Record a bad value: ``text``, and where ``name`` was set when a settings file was
+        read (without one, the environment is the only place it can have come from)."""
+        origin = self.origin(name) if self.settings else None
+        self.errors.append(f"{text} (from {origin})" if origin else text)
+
+    def guard(self, name: str, check: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        """``check(*args)``, or ``default`` with its ConfigError recorded against ``name``."""
+        try:
+            return check(*args)
+        except ConfigError as exc:
+            self.fail(name, str(exc))
+            return default
+
+    def is_set_empty(self, name: str) -> bool:
+        """True when ``name`` is set, to nothing but blanks (``NAME=``), which unset is not."""
+        self.seen.add(name)
+        value = os.environ[name] if name in os.environ else self.file_values.get(name)
+        return value is not None and not value.strip()
 
     def raw(self, name: str) -> str | None:
         """The variable's text (environment first, then ``.env``), None when unset or empty."""
         value = self.env.str(name, None)
         return value if value not in (None, "") else None
 
+    @_collected
     def str(self, name: str, default: str | None = None) -> str | None:
         return self.env.str(name, default) or default
 
+    @_collected
     def int(self, name: str, default: int, lo: int, hi: int | None = None) -> int:
         raw = self.raw(name)
         if raw is None:
@@ -294,6 +352,7 @@ class _Reader:
             raise ConfigError(f"{name}: expected a whole number {bounds}, got {value}")
         return value
 
+    @_collected
     def float(self, name: str, default: float, lo: float) -> float:
         raw = self.raw(name)
         if raw is None:
@@ -306,6 +365,7 @@ class _Reader:
             raise ConfigError(f"{name}: expected a number of at least {lo}, got {value}")
         return value
 
+    @_collected
     def bool(self, name: str, default: bool) -> bool:
         raw = self.raw(name)
         if raw is None:
@@ -317,6 +377,7 @@ class _Reader:
             return False
         raise ConfigError(f"{name}: expected true or false (1/0, yes/no, on/off), got {raw!r}")
 
+    @_collected
     def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.raw(name)
         if raw is None:
@@ -326,8 +387,9 @@ class _Reader:
             raise ConfigError(f"{name}: expected a comma-separated list with at least one entry, got {raw!r}")
         return items
 
+    @_collected
     def file(self, name: str) -> str | None:
-        path = self.str(name)
+        path = self.env.str(name, None) or None
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{name}: expected a readable file, but {path!r} does not exist")
         return path
@@ -387,92 +449,144 @@ def read_secret(r: _Reader, name: str) -> str | None:
     return secret
 
 
-def load(env_file: str | None = None) -> Config:
-    """Build the Config from the environment, reading ``env_file`` (default ``./.env``) first.
+def read_settings_file(env_file: str | None = None) -> tuple[str | None, dict[str, str | None]]:
+    """The settings file ``load`` reads and its variables: ``--env-file``, else
+    ``$COCKPIT_AGENT_ENV_FILE``, else ``./.env``; ``(None, {})`` when there is none.
 
-    Values already in the environment win over the file. Raises ConfigError on the first
-    bad value, and on a ``.env`` that group or others can read.
+    A file named with ``--env-file`` must exist; the other two may be missing. One that exists
+    but cannot be read (permissions, not text) raises ConfigError naming it and why, as does
+    one that others could read (``check_env_file``).
+    """
+    if env_file:
+        path, named = env_file, f"--env-file {env_file}"
+    elif os.environ.get("COCKPIT_AGENT_ENV_FILE"):
+        path = os.environ["COCKPIT_AGENT_ENV_FILE"]
+        named = f"the settings file {path} (COCKPIT_AGENT_ENV_FILE)"
+    else:
+        path, named = ".env", f"the settings file {os.path.abspath('.env')}"
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if env_file:
+            raise ConfigError(f"{named}: no such file") from None
+        return None, {}
+    except OSError as exc:
+        raise ConfigError(f"{named}: cannot read it: {_why(exc)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        if not env_file and path == ".env":
+            return None, {}  # e.g. a virtualenv called .env: not ours
+        raise ConfigError(f"{named}: not a regular file")
+    check_env_file(path)
+    try:
+        # As environs reads it (Env.read_env), so the values here are the ones it will see.
+        return path, dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{named}: cannot read it: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(exc, PermissionError):
+        return (f"{exc.strerror}; it is the agent's and may hold its secrets: run this as the agent's user "
+                "or with sudo (cockpit-agent drops to the agent's user)")
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def load(env_file: str | None = None) -> Config:
+    """Build the Config from the environment, reading the settings file (``read_settings_file``) too.
+
+    Values already in the environment win over the file. Raises one ConfigError listing every
+    bad value, each naming its variable and where it was set; a variable the agent does not
+    know, under a prefix it owns, is a warning in ``Config.warnings``.
     """
     env = Env(expand_vars=False)
-    path = env_file or os.environ.get("COCKPIT_AGENT_ENV_FILE") or ".env"
-    if os.path.isfile(path):
-        check_env_file(path)
-        env.read_env(path, recurse=False, override=False)
-    r = _Reader(env)
+    settings, file_values = read_settings_file(env_file)
+    if settings is not None:
+        env.read_env(settings, recurse=False, override=False)
+    r = _Reader(env, settings, file_values)
 
-    agent_id = r.str("AGENT_HOSTNAME") or r.str("AGENT_ID") or socket.gethostname()
+    hostname, agent_id_var = r.str("AGENT_HOSTNAME"), r.str("AGENT_ID")
+    agent_id = hostname or agent_id_var or socket.gethostname()
     if not _AGENT_ID_RE.fullmatch(agent_id):
-        raise ConfigError(
-            "AGENT_HOSTNAME/AGENT_ID: expected 1-200 characters of letters, digits and ._@:- "
-            f"starting with a letter or digit, got {agent_id!r}"
-        )
+        r.fail("AGENT_HOSTNAME" if hostname else "AGENT_ID",
+               "AGENT_HOSTNAME/AGENT_ID: expected 1-200 characters of letters, digits and ._@:- "
+               f"starting with a letter or digit, got {agent_id!r}")
 
     redis_url = r.str("REDIS_URL")
     url_password = None
     if redis_url:
         parts = urlsplit(redis_url)
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+            r.fail("REDIS_URL", "REDIS_URL: expected a redis://, rediss:// or unix:// URL")
         try:
             url_password = parts.password
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError:
-            raise ConfigError("REDIS_URL: the port is not a number") from None
-    password = read_secret(r, "REDIS_PASSWORD")
-    if not password and not url_password:
-        raise ConfigError(
-            "REDIS_PASSWORD: required (or REDIS_PASSWORD_FILE, the systemd credential redis_password, "
-            "or a REDIS_URL that carries the password); it is not set"
-        )
+            r.fail("REDIS_URL", "REDIS_URL: the port is not a number")
+    failed = len(r.errors)
+    password = r.guard("REDIS_PASSWORD", read_secret, r, "REDIS_PASSWORD")
+    if not password and not url_password and len(r.errors) == failed:
+        r.fail("REDIS_PASSWORD",
+               "REDIS_PASSWORD: required (or REDIS_PASSWORD_FILE, the systemd credential redis_password, "
+               "or a REDIS_URL that carries the password); it is not set")
 
     log_level = (r.str("LOG_LEVEL") or r.str("LOGLEVEL") or "INFO").upper()
     if log_level not in _LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+        r.fail("LOG_LEVEL" if r.origin("LOG_LEVEL") else "LOGLEVEL",
+               f"LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+        log_level = "INFO"
 
     repos = tuple(os.path.normpath(p) for p in r.list("GIT_REPO_PATH", ("/opt/app/config",)))
     for repo in repos:
         if not os.path.isabs(repo):
-            raise ConfigError(f"GIT_REPO_PATH: expected absolute paths, got {repo!r}")
+            r.fail("GIT_REPO_PATH", f"GIT_REPO_PATH: expected absolute paths, got {repo!r}")
     # Resolved once, here: a symlink put into the whitelist or re-pointed later must not move it.
     repos = tuple(os.path.realpath(p) for p in repos)
-    containers = r.list("DOCKER_CONTAINER_NAME", ("grafana",))
+    # Set to nothing (DOCKER_CONTAINER_NAME=), docker_restart is off; unset, it is grafana's.
+    docker_off = r.is_set_empty("DOCKER_CONTAINER_NAME")
+    containers = () if docker_off else r.list("DOCKER_CONTAINER_NAME", ("grafana",))
     for name in containers:
         if not CONTAINER_NAME_RE.fullmatch(name):
-            raise ConfigError(
-                f"DOCKER_CONTAINER_NAME: {name!r} is not a valid container name "
-                "(letters, digits and _.- starting with a letter or digit)"
-            )
+            r.fail("DOCKER_CONTAINER_NAME",
+                   f"DOCKER_CONTAINER_NAME: {name!r} is not a valid container name "
+                   "(letters, digits and _.- starting with a letter or digit; empty turns docker_restart off)")
 
+    outbox_db = r.str("OUTBOX_DB", "/var/lib/cockpit-agent/outbox.db")
+    r.guard("OUTBOX_DB", check_outbox_path, outbox_db)
     synchronous = (r.str("OUTBOX_SYNCHRONOUS") or "NORMAL").upper()
     if synchronous not in ("NORMAL", "FULL"):
-        raise ConfigError(f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
+        r.fail("OUTBOX_SYNCHRONOUS", f"OUTBOX_SYNCHRONOUS: expected NORMAL or FULL, got {synchronous!r}")
 
     log_format = (r.str("LOG_FORMAT") or "text").lower()
     if log_format not in ("text", "json"):
-        raise ConfigError(f"LOG_FORMAT: expected text or json, got {log_format!r}")
+        r.fail("LOG_FORMAT", f"LOG_FORMAT: expected text or json, got {log_format!r}")
     metrics_port = r.int("METRICS_PORT", 0, 0, 65535) or None
     handlers_dir = r.str("HANDLERS_DIR")
     if handlers_dir is not None and not os.path.isabs(handlers_dir):
-        raise ConfigError(f"HANDLERS_DIR: expected an absolute path, got {handlers_dir!r}")
+        r.fail("HANDLERS_DIR", f"HANDLERS_DIR: expected an absolute path, got {handlers_dir!r}")
 
-    sentinels = tuple(_host_port("REDIS_SENTINELS", item) for item in r.list("REDIS_SENTINELS", ()))
+    sentinels = tuple(filter(None, (r.guard("REDIS_SENTINELS", _host_port, "REDIS_SENTINELS", item)
+                                    for item in r.list("REDIS_SENTINELS", ()))))
     sentinel_master = r.str("REDIS_SENTINEL_MASTER")
-    if sentinels and not sentinel_master:
-        raise ConfigError("REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS (the name the sentinels monitor)")
-    if sentinel_master and not sentinels:
-        raise ConfigError("REDIS_SENTINELS: required with REDIS_SENTINEL_MASTER (a host:port list of sentinels)")
+    if r.raw("REDIS_SENTINELS") and not sentinel_master:
+        r.fail("REDIS_SENTINELS", "REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS (the name the sentinels monitor)")
+    if sentinel_master and not r.raw("REDIS_SENTINELS"):
+        r.fail("REDIS_SENTINEL_MASTER",
+               "REDIS_SENTINELS: required with REDIS_SENTINEL_MASTER (a host:port list of sentinels)")
     if sentinels and redis_url:
-        raise ConfigError("REDIS_URL: not allowed together with REDIS_SENTINELS (the sentinels name the master)")
+        r.fail("REDIS_URL", "REDIS_URL: not allowed together with REDIS_SENTINELS (the sentinels name the master)")
 
     # Longer than the signature window, so that a replay of a signed command is either refused
     # as stale or found in the database (PROTOCOL.md); a pruned one would run again.
     command_retention = r.int("COMMAND_RETENTION", 7 * 86400, 1)
     if command_retention <= SIGNATURE_MAX_AGE:
-        raise ConfigError(f"COMMAND_RETENTION: expected more than the {SIGNATURE_MAX_AGE} s signature window "
-                          f"(a replayed command must be stale before it is forgotten), got {command_retention}")
+        r.fail("COMMAND_RETENTION",
+               f"COMMAND_RETENTION: expected more than the {SIGNATURE_MAX_AGE} s signature window "
+               f"(a replayed command must be stale before it is forgotten), got {command_retention}")
 
-    shared_secret = read_secret(r, "COCKPIT_SHARED_SECRET")
-    return Config(
+    shared_secret = r.guard("COCKPIT_SHARED_SECRET", read_secret, r, "COCKPIT_SHARED_SECRET")
+    config = Config(
         agent_id=agent_id,
         redis_host=r.str("REDIS_HOST", "localhost"),
         redis_port=r.int("REDIS_PORT", 6379, 1, 65535),
@@ -495,7 +609,7 @@ def load(env_file: str | None = None) -> Config:
         command_timeout=r.int("COMMAND_TIMEOUT", 30, 1, 86400),
         docker_timeout=r.int("DOCKER_TIMEOUT", 60, 1, 86400),
         shared_secret=shared_secret,
-        outbox_db=r.str("OUTBOX_DB", "/var/lib/cockpit-agent/outbox.db"),
+        outbox_db=outbox_db,
         outbox_synchronous=synchronous,
         worker_count=r.int("WORKER_COUNT", 4, 1, 64),
         queue_max=r.int("QUEUE_MAX", 1000, 1),
@@ -517,6 +631,97 @@ def load(env_file: str | None = None) -> Config:
         handlers_dir=handlers_dir,
         stall_seconds=r.int("STALL_SECONDS", 60, 1, 86400),
     )
+    warnings = tuple(unknown_variables(r))
+    if r.errors:
+        raise ConfigError(*r.errors, warnings=warnings)
+    return config.replace(warnings=warnings)
+
+
+def check_outbox_path(path: str) -> None:
+    """Refuse an OUTBOX_DB where no database can be: a directory, a path under a regular file,
+    a kernel file system (/proc, /sys). ``check`` finds it, and ``run`` stops with this line
+    and exit 78 instead of a traceback that systemd would restart ten times. Whether the agent's
+    user may write there is for ``check`` to say: this runs for any operator command too."""
+    if not path:
+        raise ConfigError("OUTBOX_DB: expected the path of the agent's database file, got ''")
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ConfigError(f"OUTBOX_DB: {path} is a directory; name the database file, "
+                          f"e.g. {os.path.join(path, 'outbox.db')}")
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise ConfigError(f"OUTBOX_DB: {path} exists and is not a regular file, so it cannot hold the database")
+    existing = os.path.dirname(target)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"OUTBOX_DB: {existing} is a file, not a directory, so {path} cannot be created under it")
+    kind = _kernel_file_system(existing)
+    if kind:
+        raise ConfigError(f"OUTBOX_DB: {path} is on the kernel's {kind} file system, which cannot hold a "
+                          "database; use a directory on disk (the default is /var/lib/cockpit-agent/outbox.db)")
+
+
+# File systems the kernel makes up: nothing written there is a file that lasts.
+_KERNEL_FILE_SYSTEMS = ("proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                        "configfs", "pstore", "bpf", "efivarfs", "fusectl", "binfmt_misc", "mqueue")
+
+
+def _kernel_file_system(directory: str) -> str | None:
+    """The type of the kernel file system ``directory`` is on (``proc``, ``sysfs``...), else None."""
+    real = os.path.realpath(directory)
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                # Spaces and the like in a mount point are written as octal escapes (\040).
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:  # no /proc here: judge by the name
+        top = real.split("/")[1] if real.count("/") else ""
+        kind = {"proc": "proc", "sys": "sysfs"}.get(top)
+    return kind if kind in _KERNEL_FILE_SYSTEMS else None
+
+
+# Prefixes of the agent's own variables: a name under one that the agent does not read is
+# most likely a misspelt one (REDIS_HOTS), so it is a warning. git and docker read variables
+# of their own under GIT_ and DOCKER_ (GIT_SSH_COMMAND, DOCKER_HOST), as do other programs
+# under LOG_ and MAX_: under these, only a name close to one of the agent's is warned about.
+OWNED_PREFIXES = ("REDIS_", "AGENT_", "COCKPIT_", "OUTBOX_", "HEARTBEAT_", "COMMAND_", "WORKER_", "QUEUE_",
+                  "OUTPUT_", "RESPONSE_", "RESULT_", "SHUTDOWN_", "LISTENER_", "METRICS_", "HANDLERS_", "STALL_")
+SHARED_PREFIXES = ("GIT_", "DOCKER_", "LOG_", "MAX_")
+# Read by name outside load's reader: the settings file's own variable.
+OTHER_VARIABLES = ("COCKPIT_AGENT_ENV_FILE",)
+
+
+def unknown_variables(r: _Reader) -> list[str]:
+    """A warning for each variable set under an agent's prefix that the agent does not read,
+    naming the closest one it does (difflib)."""
+    known = sorted(r.seen | set(OTHER_VARIABLES))
+    found = []
+    for name in sorted(set(os.environ) | {k for k, v in r.file_values.items() if v is not None}):
+        if name in known:
+            continue
+        owned = name.startswith(OWNED_PREFIXES)
+        if not owned and not name.startswith(SHARED_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6 if owned else 0.8)
+        if not close and not owned:
+            continue
+        hint = f"; did you mean {close[0]}?" if close else "; see .env.example for the variables it reads"
+        found.append(f"{name} (from {r.origin(name)}): not a variable of the agent, ignored{hint}")
+    return found
+
+
+def missing_repositories(config: Config) -> list[str]:
+    """A warning for each GIT_REPO_PATH entry that does not exist (git_pull and git_status there
+    are refused until it does)."""
+    return [f"GIT_REPO_PATH: repository {repo} does not exist; git_pull and git_status there will fail"
+            for repo in config.git_repo_paths if not os.path.isdir(repo)]
 
 
 def _host_port(name: str, item: str) -> tuple[str, int]:

@@ -21,7 +21,22 @@ class AgentError(Exception):
 
 
 class ConfigError(AgentError):
-    """A configuration value is missing or malformed; the agent does not start."""
+    """A configuration value is missing or malformed; the agent does not start.
+
+    ``config.load`` reports every bad value at once: ``problems`` holds one line each, and the
+    text is that line, or ``N problems:`` and one indented line per problem; ``warnings`` the
+    variables it does not know, which may explain a problem (REDIS_PASWORD: REDIS_PASSWORD unset).
+    """
+
+    def __init__(self, *problems: str, warnings: tuple[str, ...] = ()):
+        super().__init__(*problems)
+        self.problems: tuple[str, ...] = problems
+        self.warnings = warnings  # what else load noticed (a misspelt variable may be the cause)
+
+    def __str__(self) -> str:
+        if len(self.problems) <= 1:
+            return self.problems[0] if self.problems else ""
+        return f"{len(self.problems)} problems:" + "".join(f"\n  {p}" for p in self.problems)
 
 
 class ValidationError(AgentError):

@@ -175,8 +175,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load(args.env_file)
     except ConfigError as exc:
-        print(f"cockpit-agent: configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every bad value, one line each
+            print(f"cockpit-agent: configuration error: {problem}", file=sys.stderr)
+        for warning in exc.warnings:
+            print(f"cockpit-agent: warning: {warning}", file=sys.stderr)
         return EX_CONFIG
+    for warning in config.warnings:
+        print(f"cockpit-agent: warning: {warning}", file=sys.stderr)
     commands = {"send": send, "status": status}
     try:
         return commands[args.cmd](config, args)

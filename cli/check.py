@@ -13,6 +13,7 @@ from config import Config, load, redact_url
 from errors import EX_CONFIG, EX_FAIL, EX_OK, ConfigError
 from handlers import REGISTRY
 from handlers.base import child_env
+from handlers.docker import docker_off
 from handlers.loader import registry_with_dir
 from outbox.owner import describe, instance_id
 from outbox.owner import holder as lock_holder
@@ -29,6 +30,10 @@ class _Checks:
         if not ok:
             self.failed += 1
         return ok
+
+    def warn(self, name: str, detail: str) -> None:
+        """A line that does not fail the check (a variable the agent does not read)."""
+        print(f"warn  {name}: {detail}", flush=True)
 
 
 def _run(argv: list[str], timeout: float = 15.0) -> tuple[int, str, str]:
@@ -50,13 +55,17 @@ def check(env_file: str | None) -> int:
     try:
         config = load(env_file)
     except ConfigError as exc:
-        checks.report(False, "configuration", str(exc))
+        for problem in exc.problems:
+            checks.report(False, "configuration", problem)
+        for warning in exc.warnings:
+            checks.warn("configuration", warning)
         return EX_CONFIG
     checks.report(True, "configuration", config.describe())
-
+    for warning in config.warnings:
+        checks.warn("configuration", warning)
 
     try:
-        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file)
+        registry = registry_with_dir(REGISTRY, config.handlers_dir, env_file=env_file).for_config(config)
         checks.report(True, "commands", ", ".join(registry.names()) +
                       (f" (with {config.handlers_dir})" if config.handlers_dir else ""))
     except ConfigError as exc:
@@ -101,12 +110,15 @@ def check(env_file: str | None) -> int:
             continue
         checks.report(True, name, f"git work tree, origin {redact_url(out)}")
 
-    code, out, err = _run([config.docker_bin, "version"], timeout=20)
-    if code == 0:
-        server = _docker_server_version(out)
-        checks.report(True, "docker", f"{config.docker_bin} answers" + (f" (engine {server})" if server else ""))
+    if not config.docker_containers:
+        checks.report(True, "docker", f"off: {docker_off(config)}; docker_restart is not offered")
     else:
-        checks.report(False, "docker", f"{config.docker_bin} version failed: {(err or out or f'exit {code}')[:300]}")
+        code, out, err = _run([config.docker_bin, "version"], timeout=20)
+        if code == 0:
+            server = _docker_server_version(out)
+            checks.report(True, "docker", f"{config.docker_bin} answers" + (f" (engine {server})" if server else ""))
+        else:
+            checks.report(False, "docker", f"{config.docker_bin} version failed: {(err or out or f'exit {code}')[:300]}")
 
     # The agent creates missing directories itself; what matters is that it can.
     target = os.path.abspath(config.outbox_db)

@@ -110,6 +110,8 @@ class Handler:
     prepare: PrepareFn
     params: tuple[str, ...]
     summary: str
+    # Why the configuration turns this command off (e.g. DOCKER_CONTAINER_NAME set empty), or None.
+    off: Callable[[Config], str | None] | None = None
 
     def unknown(self, params: dict[str, Any]) -> list[str]:
         """The names in ``params`` this handler does not take, sorted."""
@@ -119,10 +121,21 @@ class Handler:
 class Registry:
     """The explicit map of command names to handlers. Nothing is looked up any other way."""
 
-    def __init__(self, handlers: Iterable[Handler] = ()):
+    def __init__(self, handlers: Iterable[Handler] = (), off: dict[str, str] | None = None):
         self._handlers: dict[str, Handler] = {}
+        self.off: dict[str, str] = dict(off or {})  # commands the configuration turned off, and why
         for handler in handlers:
             self.add(handler)
+
+    def for_config(self, config: Config) -> Registry:
+        """This registry without the commands ``config`` turns off: they are not among the
+        capabilities, and a message asking for one is refused saying why."""
+        off = dict(self.off)
+        for handler in self.handlers():
+            reason = handler.off(config) if handler.off else None
+            if reason:
+                off[handler.name] = reason
+        return Registry((h for h in self.handlers() if h.name not in off), off)
 
     def add(self, handler: Handler) -> None:
         """Register a handler; a name registered twice is a programming error."""
@@ -145,6 +158,9 @@ class Registry:
     def prepare(self, command: str, params: dict[str, Any], config: Config) -> Action:
         """Check a command and its parameters; return its Action or raise ValidationError."""
         handler = self.get(command)
+        if handler is None and command in self.off:
+            raise NotAllowed(f"{command} is off on this agent: {self.off[command]}; "
+                             f"this agent runs: {', '.join(self.names())}")
         if handler is None:
             raise ValidationError(
                 f"unknown command {preview(command)}; this agent runs: {', '.join(self.names())}"

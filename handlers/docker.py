@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from config import CONTAINER_NAME_RE  # the same rule as for DOCKER_CONTAINER_NAME
-from errors import ValidationError
+from errors import NotAllowed, ValidationError
 from handlers.base import Action, Handler, string_param, whitelisted
 from protocol import preview
 
@@ -14,6 +14,8 @@ def prepare_restart(params, config) -> Action:
     No name, or ``""`` (as for git's parameters), is the first whitelisted container.
     """
     allowed = config.docker_containers
+    if not allowed:  # also when a registry without for_config (a test's) offers it
+        raise NotAllowed(f"docker_restart is off on this agent: {docker_off(config)}")
     name = string_param(params, "container_name", None, max_len=128)
     if not name:
         name = allowed[0]
@@ -32,7 +34,14 @@ def prepare_restart(params, config) -> Action:
     )
 
 
+def docker_off(config) -> str | None:
+    """Why docker_restart is off: DOCKER_CONTAINER_NAME set to nothing (unset is grafana)."""
+    if config.docker_containers:
+        return None
+    return "DOCKER_CONTAINER_NAME is empty, so no container may be restarted"
+
+
 DOCKER_RESTART = Handler(
     "docker_restart", prepare_restart, ("container_name",),
-    "restart a whitelisted container (params: container_name)",
+    "restart a whitelisted container (params: container_name)", off=docker_off,
 )

@@ -14,7 +14,7 @@ import re
 import sys
 import time
 
-from config import Config, RedactSecrets, secrets_of
+from config import Config, RedactSecrets, missing_repositories, secrets_of
 
 # syslog priorities for Python's levels (sd-daemon.h's SD_ERR, SD_WARNING, ...).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
@@ -106,7 +106,11 @@ def formatter(log_format: str = "text", journald: bool | None = None) -> logging
 
 
 def setup_logging(config: Config | None, level: str = "INFO") -> None:
-    """Readable lines (or JSON, LOG_FORMAT=json) on stderr; under journald, without a second timestamp."""
+    """Readable lines (or JSON, LOG_FORMAT=json) on stderr; under journald, without a second timestamp.
+
+    Then, as the first lines the agent logs, the configuration's warnings (``start_warnings``):
+    they were found before there was a log to write them to.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(config.log_format if config else "text"))
     if config is not None:
@@ -114,3 +118,12 @@ def setup_logging(config: Config | None, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level if config else level)
+    if config is not None:
+        for line in start_warnings(config):
+            logging.getLogger("cockpit_agent.config").warning("%s", line)
+
+
+def start_warnings(config: Config) -> list[str]:
+    """What the agent warns about as it starts: variables it does not know (a misspelt one is
+    as good as unset) and each GIT_REPO_PATH entry that does not exist, one line each."""
+    return [*config.warnings, *missing_repositories(config)]

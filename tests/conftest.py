@@ -395,7 +395,10 @@ def config_from(monkeypatch):
                 monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        return config_module.load(env.get("COCKPIT_AGENT_ENV_FILE", "/nonexistent/.env"))
+        # No settings file unless the test names one: a COCKPIT_AGENT_ENV_FILE that does not
+        # exist is none (an --env-file that does not exist is an error).
+        monkeypatch.setenv("COCKPIT_AGENT_ENV_FILE", env.get("COCKPIT_AGENT_ENV_FILE", "/nonexistent/.env"))
+        return config_module.load()
 
     return build
 
