@@ -740,7 +740,8 @@ def secrets_of(config: Config) -> list[str]:
 
 
 class RedactSecrets(logging.Filter):
-    """A last line of defence: replaces any secret that reaches a log record with ``***``."""
+    """A last line of defence: replaces any secret that reaches a log record with ``***``
+    (where it stands as a value: sealed.MASK_EVERYWHERE_FROM)."""
 
     def __init__(self, secrets: list[str]):
         super().__init__()
@@ -753,4 +754,9 @@ class RedactSecrets(logging.Filter):
         cleaned = mask(message, self.secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        # A traceback quotes exception texts too: formatted here, once, and masked like the line.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask(record.exc_text, self.secrets)
         return True

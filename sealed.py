@@ -8,7 +8,8 @@ the tokens, so what is stored and audited never holds the plain value. Only top-
 encrypted by the backend, so only those are opened.
 
 ``mask`` replaces secrets by ``***``: in log lines (config.RedactSecrets) and in what a child
-printed, before a response is stored or published.
+printed, before a response is stored or published; a short secret only where it stands as a
+value of its own, not inside a word (MASK_EVERYWHERE_FROM says why).
 
 A module of its own, not part of protocol.py: ``cryptography`` is imported here only when a
 sealed field arrives (the agent does not pay for it at start), and protocol.py stays free of it.
@@ -19,16 +20,25 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from errors import ValidationError
 
 SEALED_PARAMS = ("password", "ansible_password", "ssh_passphrase")
-# A secret shorter than this is not masked: a 1-3 character password would turn every "a" or
-# "ok" of an output into "***", and a secret that short protects nothing anyway.
-MIN_SECRET_CHARS = 4
 MASK = "***"
+# Where a secret is masked. One this long is masked wherever it appears, inside a longer word
+# too: no text holds 16 characters of a secret by chance, and a child that glues it to other
+# text (pw$SECRET) must not carry it out. A shorter one is masked wherever it stands as a value
+# of its own: not joined to letters or digits on either side, directly or through one of - . /
+# (so `PASSWORD=agent`, `redis://:agent@host`, `'agent'`, `is agent.` are masked, and so is a
+# one-letter password standing alone), but not inside a word: with REDIS_PASSWORD=agent,
+# masking every "agent" made `cockpit-agent:lab-01` read `cockpit-***:lab-01` and `agent_id`
+# `***_id`, which garbled the agent's own names and paths and told every reader the password.
+# A word that merely contains a short secret never held it as a value, so leaving it is safe.
+MASK_EVERYWHERE_FROM = 16
+_JOINERS = "-./"
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,18 +86,33 @@ def open_params(params: dict[str, Any], secret: str | None) -> tuple[dict[str, A
 
 
 def maskable(secrets: Iterable[str | None]) -> tuple[str, ...]:
-    """The secrets ``mask`` should replace: long enough, without repeats, longest first.
+    """The secrets ``mask`` should replace: every non-empty one, without repeats, longest first.
 
     Longest first, so a secret that contains another is masked whole, not left half visible.
     """
-    return tuple(sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True))
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str]:
+    """One regular expression for ``secrets`` (see MASK_EVERYWHERE_FROM for where each matches)."""
+    joiners = re.escape(_JOINERS)
+    parts = []
+    for secret in secrets:
+        body = re.escape(secret)
+        if len(secret) < MASK_EVERYWHERE_FROM:
+            # Only the ends that are word characters can be joined to a word around them.
+            if re.match(r"\w", secret[0]):
+                body = rf"(?<!\w)(?<!\w[{joiners}])" + body
+            if re.match(r"\w", secret[-1]):
+                body += rf"(?!\w|[{joiners}]\w)"
+        parts.append(body)
+    return re.compile("|".join(parts))
 
 
 def mask(text: str | None, secrets: tuple[str, ...]) -> str | None:
-    """``text`` with every one of ``secrets`` (from ``maskable``) replaced by ``***``."""
-    if not text:
+    """``text`` with each of ``secrets`` (from ``maskable``) replaced by ``***`` where it
+    appears as a value (see MASK_EVERYWHERE_FROM): in log lines, outputs and errors."""
+    if not text or not secrets or not any(secret in text for secret in secrets):
         return text
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
+    return _pattern(secrets).sub(MASK, text)

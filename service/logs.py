@@ -94,7 +94,8 @@ class JsonFormatter(logging.Formatter):
         entry.update(level=record.levelname, logger=record.name, message=escape(record.getMessage()),
                      thread=record.threadName)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            # exc_text when RedactSecrets has formatted (and masked) it already.
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(entry, ensure_ascii=False, default=str))
         return f"<{priority(record.levelno)}>{text}" if self.journald else text
 

@@ -1,9 +1,12 @@
 """An operator's first hour (issue 15): a mistake in the settings is one clear line per problem
 and exit 78, never a traceback; a misspelt variable is named with the one that was meant;
-docker can be switched off; a missing repository is named at start."""
+docker can be switched off; a missing repository is named at start; and masking the
+password does not garble the agent's own words."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import redis
 
-from conftest import ROOT, wait_for
+import sealed
+from conftest import ROOT, RedisServer, wait_for
 from errors import EX_CONFIG, ConfigError, NotAllowed
 
 BASE = {"REDIS_PASSWORD": "pw-123456", "AGENT_ID": "lab-01"}
@@ -269,3 +274,89 @@ def test_run_names_each_missing_repository_and_misspelt_variable_at_start(agent_
           for path in missing),
     ]
     assert agent.terminate() == 0
+
+
+# -- 7. masking a short password does not garble the agent's own words ------------------------------
+
+
+def test_a_short_secret_is_masked_where_it_stands_as_a_value_not_inside_words():
+    secrets = sealed.maskable(["agent"])
+    start = ("cockpit-agent 1.0.0 started: agent_id=lab-01 redis=localhost:6379/0 "
+             "outbox=/var/lib/cockpit-agent/outbox.db repos=/srv/agents/app")
+    assert sealed.mask(start, secrets) == start
+    for text, masked in [
+        ("REDIS_PASSWORD=agent", "REDIS_PASSWORD=***"),
+        ("redis://:agent@redis.lan:6379/0", "redis://:***@redis.lan:6379/0"),
+        ('{"password": "agent"}', '{"password": "***"}'),
+        ("the password is agent.", "the password is ***."),
+        ("agent", "***"),
+        ("auth agent agent\n", "auth *** ***\n"),
+    ]:
+        assert sealed.mask(text, secrets) == masked, text
+    # A long secret is masked even inside a word: text does not hold 16 of its characters by chance.
+    long_secret = sealed.maskable(["Kx9-long-secret-value"])
+    assert sealed.mask("pwKx9-long-secret-valueXY", long_secret) == "pw***XY"
+    # A one-letter password is masked where it stands alone, and left in every word.
+    assert sealed.mask("x = x; box xy", sealed.maskable(["x"])) == "*** = ***; box xy"
+
+
+def test_logs_mask_a_real_password_and_leave_agent_id_alone(config_from, capsys):
+    from service.logs import setup_logging
+
+    config = config_from({**BASE, "REDIS_PASSWORD": "agent", "LOG_FORMAT": "text"})
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(config)
+        log = logging.getLogger("cockpit_agent.test")
+        log.info("started: %s", config.describe())
+        log.warning("auth with REDIS_PASSWORD=%s failed", "agent")
+        try:
+            raise redis.AuthenticationError("invalid password 'agent' for user default")
+        except redis.AuthenticationError:
+            log.exception("connect failed")
+    finally:
+        root.handlers[:], root.level = saved
+    err = capsys.readouterr().err
+    assert "started: agent_id=lab-01 redis=localhost:6379/0" in err
+    assert "auth with REDIS_PASSWORD=*** failed" in err
+    assert "invalid password '***' for user default" in err  # the traceback too
+    assert "'agent'" not in err and "=agent" not in err
+
+
+def test_json_logs_mask_the_traceback_too(config_from):
+    from config import RedactSecrets, secrets_of
+    from service.logs import JsonFormatter
+
+    config = config_from({**BASE, "REDIS_PASSWORD": "agent"})
+    try:
+        raise ValueError("password=agent rejected")
+    except ValueError:
+        record = logging.LogRecord("cockpit_agent", logging.ERROR, __file__, 1, "failed for %s", ("agent",),
+                                   sys.exc_info())
+    RedactSecrets(secrets_of(config)).filter(record)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "failed for ***"
+    assert "password=*** rejected" in entry["exc"] and "password=agent" not in entry["exc"]
+
+
+def test_an_agent_with_a_short_password_masks_it_in_answers_and_not_in_its_start_line(
+        tmp_path, agent_env, agent_process, make_backend):
+    server = RedisServer(tmp_path / "short-pw-redis", password="agent").start()
+    try:
+        env = {**agent_env, "REDIS_PORT": str(server.port), "REDIS_PASSWORD": "agent", "AGENT_ID": "lab-01"}
+        agent = agent_process(env).start()
+        agent.wait_subscribed(server)
+        backend = make_backend("lab-01", server=server)
+        echoed = backend.call("echo", {"message": "REDIS_PASSWORD=agent, agent_id lab-01, cockpit-agent"})
+        assert echoed["output"] == "REDIS_PASSWORD=***, agent_id lab-01, cockpit-agent"
+        refused = backend.call("agent")
+        assert refused["error"].startswith("unknown command '***'"), refused
+        stored = server.client().get(f"cockpit-agent-result:lab-01:{echoed['command_id']}")
+        assert b"=agent" not in stored and b"REDIS_PASSWORD=***" in stored
+        assert agent.terminate() == 0
+        log = agent.log()
+        assert "cockpit-agent 1.0.0 started: agent_id=lab-01 " in log, log
+        assert "cockpit-***" not in log and "***_id" not in log
+    finally:
+        server.kill()

@@ -157,12 +157,13 @@ def test_secrets_a_child_prints_are_masked_before_they_are_stored_or_published(t
     assert not any(PASSWORD.encode() in raw or SECRET.encode() in raw for raw in backend.raw)
 
 
-def test_masking_takes_the_longest_secret_first_and_leaves_short_ones():
+def test_masking_takes_the_longest_secret_first_and_masks_short_ones_as_values():
     import sealed
 
-    secrets = sealed.maskable(["abcd", "abcdefgh", "xy", None, "abcd"])
-    assert secrets == ("abcdefgh", "abcd")  # "xy" would mangle every output; a repeat counts once
-    assert sealed.mask("1 abcdefgh 2 abcd 3 xy", secrets) == "1 *** 2 *** 3 xy"
+    secrets = sealed.maskable(["abcd", "abcdefgh", "xy", None, "abcd", ""])
+    assert secrets == ("abcdefgh", "abcd", "xy")  # a repeat counts once; nothing is too short to mask
+    assert sealed.mask("1 abcdefgh 2 abcd 3 xy", secrets) == "1 *** 2 *** 3 ***"
+    assert sealed.mask("xyz abcde", secrets) == "xyz abcde"  # inside a word: not a value (see test_config)
     assert sealed.mask(None, secrets) is None
 
 
