@@ -360,3 +360,32 @@ def test_an_agent_with_a_short_password_masks_it_in_answers_and_not_in_its_start
         assert "cockpit-***" not in log and "***_id" not in log
     finally:
         server.kill()
+
+
+# -- 15. the README's install quick-start ------------------------------------------------------------
+
+
+def test_the_readme_quick_start_has_every_step_install_sh_prints():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Install on a host", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    steps = (ROOT / "scripts" / "install.sh").read_text().split("Next steps:", 1)[1].split("NEXT", 1)[0]
+    for step in ("systemctl edit cockpit-agent", "cockpit-agent check", "systemctl start cockpit-agent",
+                 "journalctl -u cockpit-agent -f", "cockpit-agent send echo message=hi"):
+        assert step in steps, step  # what install.sh prints ...
+        assert step in block, step  # ... the README's quick start has too
+    assert "ReadWritePaths=" in block and "GIT_REPO_PATH" in block
+
+
+def test_the_operator_command_from_a_checkout_runs_as_the_readme_says(agent_env, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    command = ".venv/bin/python agent.py check --env-file ./agent.env"
+    assert command in readme
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = {k: v for k, v in agent_env.items() if k not in ("PATH", "HOME", "COCKPIT_AGENT_ENV_FILE")}
+    settings_file(work / "agent.env", "".join(f"{k}={v}\n" for k, v in settings.items()))
+    argv = [sys.executable, str(ROOT / "agent.py"), *command.split()[2:]]  # the venv's python, as in the README
+    result = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env={"PATH": agent_env["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"ok    configuration: agent_id={agent_env['AGENT_ID']} ")
