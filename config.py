@@ -741,7 +741,7 @@ def secrets_of(config: Config) -> list[str]:
 
 class RedactSecrets(logging.Filter):
     """A last line of defence: replaces any secret that reaches a log record with ``***``
-    (where it stands as a value: sealed.MASK_EVERYWHERE_FROM)."""
+    (where it can be told from ordinary text: sealed.looks_generated, sealed.mask)."""
 
     def __init__(self, secrets: list[str]):
         super().__init__()

@@ -8,8 +8,8 @@ the tokens, so what is stored and audited never holds the plain value. Only top-
 encrypted by the backend, so only those are opened.
 
 ``mask`` replaces secrets by ``***``: in log lines (config.RedactSecrets) and in what a child
-printed, before a response is stored or published; a short secret only where it stands as a
-value of its own, not inside a word (MASK_EVERYWHERE_FROM says why).
+printed, before a response is stored or published; a secret that could be an ordinary word
+only where it stands as a value (the comment above ``looks_generated`` says why).
 
 A module of its own, not part of protocol.py: ``cryptography`` is imported here only when a
 sealed field arrives (the agent does not pay for it at start), and protocol.py stays free of it.
@@ -28,17 +28,37 @@ from errors import ValidationError
 
 SEALED_PARAMS = ("password", "ansible_password", "ssh_passphrase")
 MASK = "***"
-# Where a secret is masked. One this long is masked wherever it appears, inside a longer word
-# too: no text holds 16 characters of a secret by chance, and a child that glues it to other
-# text (pw$SECRET) must not carry it out. A shorter one is masked wherever it stands as a value
-# of its own: not joined to letters or digits on either side, directly or through one of - . /
-# (so `PASSWORD=agent`, `redis://:agent@host`, `'agent'`, `is agent.` are masked, and so is a
-# one-letter password standing alone), but not inside a word: with REDIS_PASSWORD=agent,
-# masking every "agent" made `cockpit-agent:lab-01` read `cockpit-***:lab-01` and `agent_id`
-# `***_id`, which garbled the agent's own names and paths and told every reader the password.
-# A word that merely contains a short secret never held it as a value, so leaving it is safe.
-MASK_EVERYWHERE_FROM = 16
+# Where a secret is masked: where it can be told apart from ordinary text.
+#
+# A secret that looks like a generated one (16 characters or more, or 8 or more with a digit or
+# a symbol besides - _ .) is masked wherever it appears, inside a longer word too: no text
+# holds it by chance, and a child that glues it to other text (pw$SECRET) must not carry it out.
+#
+# Any other secret, a short one or a plain word (agent, redis, grafana), is also a word that
+# the agent and its children write anyway. Masking it everywhere garbled their text and told
+# every reader the password: with REDIS_PASSWORD=agent the start line read
+# `cockpit-*** ... ***_id=lab-01` and errors `docker_restart is off on this ***`. Where nothing
+# marks it as a secret, that word says nothing about the password, so it is left; it is masked
+# where it stands as a value: a whole word (not joined to letters or digits, directly or
+# through one of - . /) that is a line of its own or the whole text, in quotes ('agent',
+# "agent"), after = or : (PASSWORD=agent, a URL's :agent@, "password": "agent", key:agent), or
+# after a word naming a secret (password agent, --password agent, the password is agent,
+# auth agent, token: agent).
+# That is every way a configuration file, a URL, JSON, an agent's error (which quotes values)
+# or a child echoing it would show the value, with no length too short to mask.
 _JOINERS = "-./"
+_NOT_A_WORD = re.compile(r"[^A-Za-z_.\-]")  # a digit, a symbol, a space: what words lack
+_QUOTES = "'\"`"
+_VALUE_BEFORE = re.compile(
+    r"""(?:=\s*["'`]?|:["'`]?|:\s+["'`]"""
+    r"""|(?<![A-Za-z])(?i:password|passwd|passphrase|pass|pwd|pw|secret|token|auth|credentials?|key)"""
+    r"""(?:\s+(?i:is|was))?[\s=:"'`]+)$""")
+
+
+def looks_generated(secret: str) -> bool:
+    """True for a secret masked wherever it appears (see above); False for one masked only
+    where it stands as a value."""
+    return len(secret) >= 16 or (len(secret) >= 8 and bool(_NOT_A_WORD.search(secret)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,12 +115,13 @@ def maskable(secrets: Iterable[str | None]) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str]:
-    """One regular expression for ``secrets`` (see MASK_EVERYWHERE_FROM for where each matches)."""
+    """One regular expression for ``secrets``: each anywhere when it looks generated, else as a
+    whole word (``_stands_as_value`` then decides)."""
     joiners = re.escape(_JOINERS)
     parts = []
     for secret in secrets:
         body = re.escape(secret)
-        if len(secret) < MASK_EVERYWHERE_FROM:
+        if not looks_generated(secret):
             # Only the ends that are word characters can be joined to a word around them.
             if re.match(r"\w", secret[0]):
                 body = rf"(?<!\w)(?<!\w[{joiners}])" + body
@@ -110,9 +131,31 @@ def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(parts))
 
 
+def _stands_as_value(text: str, start: int, end: int) -> bool:
+    """True when ``text[start:end]``, a whole word, is shown as a value (see above)."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    before, after = text[line_start:start], text[end:len(text) if line_end < 0 else line_end]
+    if not before.strip() and not after.strip():
+        return True  # a line of its own, or the whole text
+    if before[-1:] and before[-1:] in _QUOTES and after[:1] == before[-1:]:
+        return True
+    return bool(_VALUE_BEFORE.search(before[-64:]))
+
+
 def mask(text: str | None, secrets: tuple[str, ...]) -> str | None:
-    """``text`` with each of ``secrets`` (from ``maskable``) replaced by ``***`` where it
-    appears as a value (see MASK_EVERYWHERE_FROM): in log lines, outputs and errors."""
-    if not text or not secrets or not any(secret in text for secret in secrets):
+    """``text`` with each of ``secrets`` (from ``maskable``) replaced by ``***`` where it can be
+    told apart from ordinary text (see above): in log lines, outputs and errors."""
+    if not text or not secrets:
         return text
-    return _pattern(secrets).sub(MASK, text)
+    present = tuple(secret for secret in secrets if secret in text)
+    if not present:
+        return text
+
+    def replace(match: re.Match[str]) -> str:
+        found = match.group()
+        if looks_generated(found) or _stands_as_value(text, match.start(), match.end()):
+            return MASK
+        return found
+
+    return _pattern(present).sub(replace, text)

@@ -279,25 +279,38 @@ def test_run_names_each_missing_repository_and_misspelt_variable_at_start(agent_
 # -- 7. masking a short password does not garble the agent's own words ------------------------------
 
 
-def test_a_short_secret_is_masked_where_it_stands_as_a_value_not_inside_words():
+def test_a_secret_that_is_a_word_is_masked_where_it_stands_as_a_value_and_nowhere_else():
     secrets = sealed.maskable(["agent"])
-    start = ("cockpit-agent 1.0.0 started: agent_id=lab-01 redis=localhost:6379/0 "
-             "outbox=/var/lib/cockpit-agent/outbox.db repos=/srv/agents/app")
-    assert sealed.mask(start, secrets) == start
+    assert not sealed.looks_generated("agent")
+    for text in [
+        "cockpit-agent 1.0.0 started: agent_id=lab-01 redis=localhost:6379/0 "
+        "outbox=/var/lib/cockpit-agent/outbox.db repos=/srv/agents/app containers=grafana",
+        "docker_restart is off on this agent: DOCKER_CONTAINER_NAME is empty; this agent runs: echo",
+        "REDIS_HOTS (from agent.env): not a variable of the agent, ignored",
+    ]:
+        assert sealed.mask(text, secrets) == text  # the agent's own words, untouched
     for text, masked in [
-        ("REDIS_PASSWORD=agent", "REDIS_PASSWORD=***"),
-        ("redis://:agent@redis.lan:6379/0", "redis://:***@redis.lan:6379/0"),
-        ('{"password": "agent"}', '{"password": "***"}'),
+        ("REDIS_PASSWORD=agent", "REDIS_PASSWORD=***"),  # a settings file a child prints
+        ("REDIS_PASSWORD = 'agent'", "REDIS_PASSWORD = '***'"),
+        ("redis://:agent@redis.lan:6379/0", "redis://:***@redis.lan:6379/0"),  # URL userinfo
+        ("redis://default:agent@redis.lan", "redis://default:***@redis.lan"),
+        ('{"password": "agent"}', '{"password": "***"}'),  # JSON
+        ("unknown command 'agent'; this agent runs: echo", "unknown command '***'; this agent runs: echo"),
+        ("--password agent", "--password ***"),
         ("the password is agent.", "the password is ***."),
-        ("agent", "***"),
-        ("auth agent agent\n", "auth *** ***\n"),
+        ("agent", "***"),  # the whole output
+        ("line 1\n  agent\nline 3", "line 1\n  ***\nline 3"),  # a line of its own
     ]:
         assert sealed.mask(text, secrets) == masked, text
-    # A long secret is masked even inside a word: text does not hold 16 of its characters by chance.
-    long_secret = sealed.maskable(["Kx9-long-secret-value"])
-    assert sealed.mask("pwKx9-long-secret-valueXY", long_secret) == "pw***XY"
-    # A one-letter password is masked where it stands alone, and left in every word.
-    assert sealed.mask("x = x; box xy", sealed.maskable(["x"])) == "*** = ***; box xy"
+    # A one-letter password: masked as a value, left in every word and in prose.
+    assert sealed.mask("x = x; box xy; pw: x", sealed.maskable(["x"])) == "x = ***; box xy; pw: ***"
+
+
+def test_a_secret_that_looks_generated_is_masked_anywhere():
+    for secret in ("Kx9-long-secret-value", "hunter22!", "pw-123456"):
+        assert sealed.looks_generated(secret)
+        assert sealed.mask(f"a{secret}b and {secret}", sealed.maskable([secret])) == "a***b and ***"
+    assert not sealed.looks_generated("hunter2") and not sealed.looks_generated("cockpit-agent")
 
 
 def test_logs_mask_a_real_password_and_leave_agent_id_alone(config_from, capsys):
@@ -332,11 +345,11 @@ def test_json_logs_mask_the_traceback_too(config_from):
     try:
         raise ValueError("password=agent rejected")
     except ValueError:
-        record = logging.LogRecord("cockpit_agent", logging.ERROR, __file__, 1, "failed for %s", ("agent",),
+        record = logging.LogRecord("cockpit_agent", logging.ERROR, __file__, 1, "failed for %r", ("agent",),
                                    sys.exc_info())
     RedactSecrets(secrets_of(config)).filter(record)
     entry = json.loads(JsonFormatter().format(record))
-    assert entry["message"] == "failed for ***"
+    assert entry["message"] == "failed for '***'"
     assert "password=*** rejected" in entry["exc"] and "password=agent" not in entry["exc"]
 
 
@@ -351,7 +364,8 @@ def test_an_agent_with_a_short_password_masks_it_in_answers_and_not_in_its_start
         echoed = backend.call("echo", {"message": "REDIS_PASSWORD=agent, agent_id lab-01, cockpit-agent"})
         assert echoed["output"] == "REDIS_PASSWORD=***, agent_id lab-01, cockpit-agent"
         refused = backend.call("agent")
-        assert refused["error"].startswith("unknown command '***'"), refused
+        # The refusal quotes the command as a value: masked; its own words stay.
+        assert refused["error"] == "unknown command '***'; this agent runs: docker_restart, echo, git_pull, git_status"
         stored = server.client().get(f"cockpit-agent-result:lab-01:{echoed['command_id']}")
         assert b"=agent" not in stored and b"REDIS_PASSWORD=***" in stored
         assert agent.terminate() == 0

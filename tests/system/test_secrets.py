@@ -160,10 +160,11 @@ def test_secrets_a_child_prints_are_masked_before_they_are_stored_or_published(t
 def test_masking_takes_the_longest_secret_first_and_masks_short_ones_as_values():
     import sealed
 
-    secrets = sealed.maskable(["abcd", "abcdefgh", "xy", None, "abcd", ""])
-    assert secrets == ("abcdefgh", "abcd", "xy")  # a repeat counts once; nothing is too short to mask
-    assert sealed.mask("1 abcdefgh 2 abcd 3 xy", secrets) == "1 *** 2 *** 3 ***"
-    assert sealed.mask("xyz abcde", secrets) == "xyz abcde"  # inside a word: not a value (see test_config)
+    secrets = sealed.maskable(["ab1d", "ab1defgh", "xy", None, "ab1d", ""])
+    assert secrets == ("ab1defgh", "ab1d", "xy")  # a repeat counts once; nothing is too short to mask
+    # ab1defgh looks generated: masked anywhere; the others where they stand as values.
+    assert sealed.mask("1 ab1defgh 2 pw=ab1d 3 'xy' 4 zab1defgh", secrets) == "1 *** 2 pw=*** 3 '***' 4 z***"
+    assert sealed.mask("xyz ab1de, an xy here", secrets) == "xyz ab1de, an xy here"  # words, not values
     assert sealed.mask(None, secrets) is None
 
 
