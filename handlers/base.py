@@ -158,7 +158,7 @@ class Registry:
     def prepare(self, command: str, params: dict[str, Any], config: Config) -> Action:
         """Check a command and its parameters; return its Action or raise ValidationError."""
         handler = self.get(command)
-        if handler is None and command in self.off:
+        if handler is None and isinstance(command, str) and command in self.off:
             raise NotAllowed(f"{command} is off on this agent: {self.off[command]}; "
                              f"this agent runs: {', '.join(self.names())}")
         if handler is None:

@@ -193,3 +193,16 @@ def test_kill_all_interrupts_running_children():
     assert children.kill_all() == 1
     thread.join(10)
     assert results[0].status == "error" and results[0].error.startswith("interrupted")
+
+
+@pytest.mark.parametrize("command", [[], {}, ["docker_restart"], 7, None])
+def test_a_command_name_that_is_not_a_string_is_refused_also_with_a_command_turned_off(config, command):
+    """Found by the fuzzer: with docker off, a list as the command name raised TypeError
+    (unhashable) instead of a refusal."""
+    import dataclasses
+
+    off = dataclasses.replace(config, docker_containers=())
+    registry = REGISTRY.for_config(off)
+    assert "docker_restart" in registry.off
+    with pytest.raises(ValidationError):
+        registry.prepare(command, {}, config)
