@@ -21,7 +21,6 @@ class OneConnection:
     redis-py takes a connection from the pool for each command or pipeline and gives it back
     after; here the second caller waits for it (up to ``wait`` s, then a ConnectionError as if
     Redis were down, which every caller handles) instead of the pool opening another one.
-    ``connections`` counts the connections the pool made: one, unless redis-py replaced it.
     """
 
     def __init__(self, client: redis.Redis, wait: float):
@@ -32,8 +31,6 @@ class OneConnection:
         self._get, self._release = self.pool.get_connection, self.pool.release
         self.pool.get_connection = self.get_connection  # type: ignore[method-assign]
         self.pool.release = self.release  # type: ignore[method-assign]
-        self._callbacks: list[Any] = []
-        self._seen: set[int] = set()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if not self._turn.acquire(timeout=self.wait):
@@ -44,10 +41,6 @@ class OneConnection:
             self._turn.release()
             raise
         self._held = connection
-        if id(connection) not in self._seen:  # redis-py made a new one: give it our callbacks
-            self._seen.add(id(connection))
-            for callback in self._callbacks:
-                connection.register_connect_callback(callback)
         return connection
 
     def release(self, connection: Any) -> None:
@@ -57,10 +50,6 @@ class OneConnection:
             if self._held is connection:
                 self._held = None
                 self._turn.release()
-
-    def on_connect(self, callback: Any) -> None:
-        """Call ``callback(connection)`` whenever the connection is (re)made."""
-        self._callbacks.append(callback)
 
     def __enter__(self) -> Any:
         """``with one:`` holds the connection for a turn of several commands sent by hand."""

@@ -427,7 +427,6 @@ class IntakeLoop(Loop):
                     break
                 self.intake.handle_many([data for data, _ in batch], [read_at for _, read_at in batch])
         finally:
-            self.intake.publisher.close()
             self.store.close()
 
     def retire(self) -> None:

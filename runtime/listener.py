@@ -69,9 +69,10 @@ class Probe:
     def heard(self, data: bytes | None = None) -> bool:
         """Something came on the subscription (``data``: a probe): a probe waiting is answered by
         it, and so is any command (one queued behind a flood is not lost). True if ``data`` is a probe."""
-        with self._lock:
-            if data is None or (self.pending is not None and data == self.pending[0]):
-                self.pending = None
+        if self.pending is not None:  # no lock per command while no probe waits (a burst)
+            with self._lock:
+                if data is None or (self.pending is not None and data == self.pending[0]):
+                    self.pending = None
         return data is not None and data.startswith(PROBE_PREFIX)
 
     def subscribed(self) -> None:

@@ -203,9 +203,6 @@ class AnswerPublisher:
             connection.disconnect()  # whatever was in flight on it is lost; reconnects on next use
             raise
 
-    def close(self) -> None:
-        """Nothing of its own to close: the connection is the client's."""
-
 
 def read_run_id(client: redis.Redis) -> str | None:
     """The run_id of the Redis ``client`` reaches (None if INFO is refused)."""

@@ -46,7 +46,7 @@ class StreamReader(Loop):
         self.reclaim = True  # read our own pending entries first
 
     def teardown(self) -> None:
-        self.intake.publisher.close()
+        self.client.close()  # its own connection (its intake publishes on it too)
         self.store.close()
 
     def on_error(self, exc: Exception) -> None:
