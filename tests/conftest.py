@@ -62,6 +62,24 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: 
         time.sleep(interval)
 
 
+def outbox_table(path: str) -> list[sqlite3.Row]:
+    """The outbox table at ``path``, in id order."""
+    return sql(path, "SELECT * FROM outbox ORDER BY id")
+
+
+def stuck_response(agent, redis_server) -> tuple[str, int]:
+    """A response no one receives (no backend subscribed), pushed an hour into the future:
+    its command_id and outbox row id."""
+    command_id = str(uuid.uuid4())
+    redis_server.client().publish(agent.config.command_channel, json.dumps(
+        {"command_id": command_id, "command": "echo", "params": {"message": "waiting"}}))
+    row = wait_for(lambda: [r for r in outbox_table(agent.config.outbox_db)
+                            if r["command_id"] == command_id and r["attempts"] >= 1],
+                   message="the unheard response in the outbox")[0]
+    sql(agent.config.outbox_db, "UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [time.time() + 3600, row["id"]])
+    return command_id, row["id"]
+
+
 class RedisServer:
     """A private redis-server the test can stop, kill, restart, pause (SIGSTOP) and resume."""
 

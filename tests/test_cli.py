@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pytest
 
 import agent as agent_module
 import protocol
-from conftest import PASSWORD, ROOT, SECRET, GitRepos, wait_for
+from conftest import PASSWORD, ROOT, SECRET, GitRepos, outbox_table, stuck_response, wait_for
 
 
 def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -253,33 +252,9 @@ def test_status_and_history_of_a_running_then_stopped_agent(running_agent, make_
 # -- outbox -------------------------------------------------------------------------------------
 
 
-def _outbox(db_path: str) -> list[sqlite3.Row]:
-    db = sqlite3.connect(db_path)
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM outbox ORDER BY id").fetchall()
-    finally:
-        db.close()
-
-
-def _stuck_response(agent, redis_server) -> tuple[str, int]:
-    """A response no one receives (no backend subscribed), pushed an hour into the future."""
-    command_id = str(uuid.uuid4())
-    redis_server.client().publish(agent.config.command_channel, json.dumps(
-        {"command_id": command_id, "command": "echo", "params": {"message": "waiting"}}))
-    row = wait_for(lambda: [r for r in _outbox(agent.config.outbox_db)
-                            if r["command_id"] == command_id and r["attempts"] >= 1],
-                   message="the unheard response in the outbox")[0]
-    db = sqlite3.connect(agent.config.outbox_db)
-    with db:
-        db.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [time.time() + 3600, row["id"]])
-    db.close()
-    return command_id, row["id"]
-
-
 def test_outbox_list_show_and_retry_on_a_running_agent(running_agent, make_backend, main, redis_server):
     agent = running_agent()
-    command_id, row_id = _stuck_response(agent, redis_server)
+    command_id, row_id = stuck_response(agent, redis_server)
 
     code, out, _ = main("outbox", "list")
     assert code == 0
@@ -297,7 +272,7 @@ def test_outbox_list_show_and_retry_on_a_running_agent(running_agent, make_backe
     assert code == 0 and "1 message(s) due now" in out
     # Without the retry this response would wait an hour; the running agent sends it now.
     assert backend.wait(command_id, timeout=15)["output"] == "waiting"
-    wait_for(lambda: not _outbox(agent.config.outbox_db), message="the outbox to empty")
+    wait_for(lambda: not outbox_table(agent.config.outbox_db), message="the outbox to empty")
     code, out, _ = main("outbox")
     assert code == 0 and "the outbox is empty" in out
 
@@ -309,24 +284,24 @@ class _Terminal(io.StringIO):
 
 def test_outbox_purge_asks_first(running_agent, main, redis_server, monkeypatch):
     agent = running_agent()
-    command_id, row_id = _stuck_response(agent, redis_server)
+    command_id, row_id = stuck_response(agent, redis_server)
 
     code, _, err = main("outbox", "purge")  # stdin is not a terminal: refuse rather than guess
     assert code == 1 and "add --yes" in err
     monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
     code, out, _ = main("outbox", "purge")
     assert code == 1 and "nothing purged" in out
-    assert [r["id"] for r in _outbox(agent.config.outbox_db)] == [row_id]
+    assert [r["id"] for r in outbox_table(agent.config.outbox_db)] == [row_id]
 
     monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
     code, out, _ = main("outbox", "purge", str(row_id))
     assert code == 0 and "purged 1 message(s)" in out
-    assert _outbox(agent.config.outbox_db) == []
+    assert outbox_table(agent.config.outbox_db) == []
 
-    _stuck_response(agent, redis_server)
+    stuck_response(agent, redis_server)
     code, out, _ = main("outbox", "purge", "--yes")
     assert code == 0 and "purged 1 message(s)" in out
-    assert _outbox(agent.config.outbox_db) == []
+    assert outbox_table(agent.config.outbox_db) == []
 
 
 @pytest.mark.parametrize("command", ["run", "check", "send", "status", "outbox", "history"])

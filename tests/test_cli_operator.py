@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 import agent as agent_module
 import errors
 from cli.common import since
-from conftest import PASSWORD, ROOT, wait_for
+from conftest import PASSWORD, ROOT, outbox_table, stuck_response, wait_for
 
 
 def cli(env: dict, *args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
@@ -59,30 +58,6 @@ def three_commands(running_agent, make_backend):
         backend.wait(command_id)
         ids.append(command_id)
     return agent, backend, ids
-
-
-def _outbox(db_path: str) -> list[sqlite3.Row]:
-    db = sqlite3.connect(db_path)
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM outbox ORDER BY id").fetchall()
-    finally:
-        db.close()
-
-
-def _stuck_response(agent, redis_server) -> tuple[str, int]:
-    """A response no one receives (no backend subscribed), pushed an hour into the future."""
-    command_id = str(uuid.uuid4())
-    redis_server.client().publish(agent.config.command_channel, json.dumps(
-        {"command_id": command_id, "command": "echo", "params": {"message": "waiting"}}))
-    row = wait_for(lambda: [r for r in _outbox(agent.config.outbox_db)
-                            if r["command_id"] == command_id and r["attempts"] >= 1],
-                   message="the unheard response in the outbox")[0]
-    db = sqlite3.connect(agent.config.outbox_db)
-    with db:
-        db.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", [time.time() + 3600, row["id"]])
-    db.close()
-    return command_id, row["id"]
 
 
 # -- 6: history and outbox need only the database -------------------------------------------------
@@ -217,8 +192,8 @@ def test_outbox_json_is_one_line_per_waiting_message(running_agent, main, redis_
     agent = running_agent()
     code, out, _ = main("outbox", "list", "--json")
     assert code == 0 and out == ""  # nothing waits: no line at all
-    first, first_row = _stuck_response(agent, redis_server)
-    second, _ = _stuck_response(agent, redis_server)
+    first, first_row = stuck_response(agent, redis_server)
+    second, _ = stuck_response(agent, redis_server)
     code, out, _ = main("outbox", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
@@ -306,8 +281,8 @@ def test_history_show_prints_the_full_output_and_the_response_as_published(runni
 
 def test_outbox_retry_show_and_purge_take_a_command_id(running_agent, make_backend, main, redis_server):
     agent = running_agent()
-    kept, kept_row = _stuck_response(agent, redis_server)
-    target, target_row = _stuck_response(agent, redis_server)
+    kept, kept_row = stuck_response(agent, redis_server)
+    target, target_row = stuck_response(agent, redis_server)
 
     code, out, _ = main("outbox", "show", target)
     assert code == 0 and f"id:              {target_row}" in out and f"command_id:      {target}" in out
@@ -315,21 +290,21 @@ def test_outbox_retry_show_and_purge_take_a_command_id(running_agent, make_backe
     # A name that matches nothing purges nothing: never "all of them".
     code, out, err = main("outbox", "purge", "no-such-command", "--yes")
     assert code == 1 and "no outbox entry no-such-command" in err and "purged" not in out
-    assert [r["id"] for r in _outbox(agent.config.outbox_db)] == [kept_row, target_row]
+    assert [r["id"] for r in outbox_table(agent.config.outbox_db)] == [kept_row, target_row]
     code, _, err = main("outbox", "retry", "no-such-command")
     assert code == 1 and "no outbox entry no-such-command" in err
 
     code, out, _ = main("outbox", "purge", target, "--yes")
     assert code == 0 and out == "purged 1 message(s)\n"
-    assert [r["command_id"] for r in _outbox(agent.config.outbox_db)] == [kept]
+    assert [r["command_id"] for r in outbox_table(agent.config.outbox_db)] == [kept]
 
     # One named by command_id, one by row id, one unknown: the two are retried, the third said.
-    again, again_row = _stuck_response(agent, redis_server)
+    again, again_row = stuck_response(agent, redis_server)
     backend = make_backend(agent.config.agent_id)
     code, out, err = main("outbox", "retry", kept, str(again_row), "gone-already")
     assert code == 0 and "2 message(s) due now" in out and "no outbox entry gone-already" in err
     assert backend.wait(kept)["output"] == "waiting" and backend.wait(again)["output"] == "waiting"
-    wait_for(lambda: not _outbox(agent.config.outbox_db), message="the outbox to empty")
+    wait_for(lambda: not outbox_table(agent.config.outbox_db), message="the outbox to empty")
 
 
 # -- 14: send waits visibly on a terminal; help; the manual page ----------------------------------
