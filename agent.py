@@ -34,6 +34,7 @@ from outbox import Store
 from outbox.inspect import outbox_depth
 from outbox.owner import DatabaseLock, instance_id
 from runtime.answers import Answers
+from runtime.cluster import ClusterRoutes, Routes
 from runtime.connection import OneConnection
 from runtime.flusher import Flusher
 from runtime.heartbeat import Heartbeat
@@ -63,9 +64,16 @@ class Agent:
         self.db_lock = DatabaseLock(config.outbox_db)  # taken by start, before anything opens the store
         self.instance = instance_id(config.outbox_db)  # this machine + this database, in the registry
         # The one command connection (runtime/connection.py), taken in turns by the flusher, the
-        # heartbeat and the intake; with the listener's subscription, two per agent.
-        self.redis = config.redis_client(health_check_interval=0)
-        self.connection = OneConnection(self.redis, wait=2 * config.redis_socket_timeout + 5)
+        # heartbeat and the intake; with the listener's subscription, two per agent. In a Redis
+        # Cluster, one such connection per master, each command on its slot's (runtime/cluster.py).
+        wait = 2 * config.redis_socket_timeout + 5
+        self.redis: redis.Redis | None = None
+        if config.redis_cluster_nodes:
+            self.routes: Routes = ClusterRoutes(config, wait)
+        else:
+            self.redis = config.redis_client(health_check_interval=0)
+            self.connection = OneConnection(self.redis, wait=wait)
+            self.routes = Routes(self.redis)
         self.probe = Probe()  # the subscription self-check: published by the heartbeat, heard by the listener
         # What the threads signal each other with.
         self.outbox_wake = threading.Event()  # something for the flusher
@@ -89,9 +97,9 @@ class Agent:
         self.intakes = Slot(self._new_intake_loop, IntakeLoop.retire)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pool = WorkerPool(self.queue, config.worker_count, self._new_worker)
-        self.flusher = Flusher("flusher", config, self.redis, self.open_store, self.outbox_wake, self.retry_now)
+        self.flusher = Flusher("flusher", config, self.routes, self.open_store, self.outbox_wake, self.retry_now)
         self.heartbeat = Heartbeat(
-            "heartbeat", config, self.redis, capabilities=registry.names(), started_at=self.started_at,
+            "heartbeat", config, self.routes, capabilities=registry.names(), started_at=self.started_at,
             instance=self.instance, executed=lambda: self.executed.value, connected=self.redis_connected,
             stopping=self.stop_requested, now=self.heartbeat_now, probe=self.probe,
             every_beat=self.audit.report_suppressed)
@@ -99,7 +107,8 @@ class Agent:
         self.stream_reader = None
         if config.command_stream:
             self.stream_reader = StreamReader("stream", config, self.open_store,
-                                              functools.partial(self.make_intake, via="stream"), self.pool.pending)
+                                              functools.partial(self.make_intake, via="stream"), self.pool.pending,
+                                              routes=self.routes)
         self.notifier = Notifier(self.health, config.shutdown_grace)  # a no-op outside systemd
         if config.metrics_port:
             from service.metrics import Metrics  # prometheus-client only when METRICS_PORT is set
@@ -119,7 +128,9 @@ class Agent:
     def make_intake(self, store: Store, client: redis.Redis | None = None, via: str = "pubsub") -> Intake:
         """An Intake writing to ``store`` (the calling thread's), for the intake thread or the stream reader."""
         # The client only answers when the database cannot be written; it connects on that first use.
-        return Intake(self.config, store, client or self.redis, registry=self.registry, answers=self.answers,
+        # In a cluster its answers go through the routes (the response channel's master).
+        target = self.routes if self.routes.cluster else (client or self.routes)
+        return Intake(self.config, store, target, registry=self.registry, answers=self.answers,
                       audit=self.audit, pool=self.pool, wake_flusher=self.outbox_wake.set,
                       handover=self.flusher.handover, on_done=self._done, stream_twins=self.stream_twins, via=via)
 
@@ -128,7 +139,8 @@ class Agent:
 
     def _new_listener(self) -> Listener:
         return Listener("listener", self.config, self.inbox, self.probe, online=self._online,
-                        offline=self.redis_connected.clear, lost=self._subscription_lost, client=self.redis)
+                        offline=self.redis_connected.clear, lost=self._subscription_lost, client=self.redis,
+                        routes=self.routes)
 
     def _retire_listener(self, listener: Listener) -> None:
         listener.abandon()

@@ -69,6 +69,8 @@ class Config:
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str | None = None
     redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
+    pubsub_sharded: bool = False
     git_repo_paths: tuple[str, ...] = ("/opt/app/config",)
     docker_containers: tuple[str, ...] = ("grafana",)
     heartbeat_interval: int = 30
@@ -206,11 +208,14 @@ class Config:
         return None
 
     def redis_client(self, **overrides: Any):
-        """A new ``redis.Redis`` client built from this configuration."""
+        """A new ``redis.Redis`` client built from this configuration (with REDIS_CLUSTER_NODES a
+        ``redis.cluster.RedisCluster``: it finds the slots' masters on first use)."""
         import redis
 
         kwargs = self.redis_kwargs()
         kwargs.update(overrides)
+        if self.redis_cluster_nodes:
+            return self._cluster_client(kwargs)
         if self.redis_sentinels:
             return self._sentinel_client(kwargs)
         url = kwargs.pop("url", None)
@@ -240,12 +245,40 @@ class Config:
         sentinel = Sentinel(list(self.redis_sentinels), sentinel_kwargs=sentinel_kwargs)
         return sentinel.master_for(self.redis_sentinel_master, **kwargs)
 
+    # -- Redis Cluster -------------------------------------------------------------------------
+    #
+    # With REDIS_CLUSTER_NODES, redis-py's cluster client knows which master holds which slot
+    # (runtime/cluster.py asks it); the agent's commands go to that master on a plain client of
+    # its own per node (``redis_node_client``), each carrying one key or one channel.
+
+    def _cluster_client(self, kwargs: dict[str, Any]):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        for name in ("host", "port", "db", "url"):
+            kwargs.pop(name, None)
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.redis_cluster_nodes],
+                            **kwargs)
+
+    def redis_node_client(self, host: str, port: int, **overrides: Any):
+        """A plain ``redis.Redis`` for one node of the cluster, with this configuration's settings."""
+        import redis
+
+        kwargs = self.redis_kwargs()
+        kwargs.update(overrides)
+        for name in ("url", "db"):
+            kwargs.pop(name, None)
+        kwargs.update(host=host, port=port)
+        return redis.Redis(**kwargs)
+
     def describe(self) -> str:
         """A one-line summary safe for logs (no secrets)."""
         where = redact_url(self.redis_url) if self.redis_url else f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
         if self.redis_sentinels:
             where = (f"sentinel master {self.redis_sentinel_master} via "
                      f"{','.join(f'{h}:{p}' for h, p in self.redis_sentinels)}/{self.redis_db}")
+        if self.redis_cluster_nodes:
+            where = (f"cluster via {','.join(f'{h}:{p}' for h, p in self.redis_cluster_nodes)} "
+                     f"pubsub={'sharded' if self.pubsub_sharded else 'classic'}")
         return (
             f"agent_id={self.agent_id} redis={where} tls={'on' if self.redis_ssl else 'off'} "
             f"signing={'on' if self.shared_secret else 'off'} workers={self.worker_count} "
@@ -577,6 +610,22 @@ def load(env_file: str | None = None) -> Config:
     if sentinels and redis_url:
         r.fail("REDIS_URL", "REDIS_URL: not allowed together with REDIS_SENTINELS (the sentinels name the master)")
 
+    cluster_nodes = tuple(filter(None, (r.guard("REDIS_CLUSTER_NODES", _host_port, "REDIS_CLUSTER_NODES", item)
+                                        for item in r.list("REDIS_CLUSTER_NODES", ()))))
+    if r.raw("REDIS_CLUSTER_NODES"):
+        if r.raw("REDIS_SENTINELS"):
+            r.fail("REDIS_CLUSTER_NODES", "REDIS_CLUSTER_NODES: not allowed together with REDIS_SENTINELS "
+                                          "(a cluster fails over by itself)")
+        if redis_url:
+            r.fail("REDIS_URL", "REDIS_URL: not allowed together with REDIS_CLUSTER_NODES (the nodes name the cluster; "
+                                "set REDIS_PASSWORD and REDIS_SSL instead)")
+        if r.raw("REDIS_DB") not in (None, "", "0"):
+            r.fail("REDIS_DB", "REDIS_DB: a Redis Cluster has only database 0; unset it with REDIS_CLUSTER_NODES")
+    pubsub_sharded = r.bool("PUBSUB_SHARDED", False)
+    if pubsub_sharded and not r.raw("REDIS_CLUSTER_NODES"):
+        r.fail("PUBSUB_SHARDED", "PUBSUB_SHARDED: needs REDIS_CLUSTER_NODES (sharded pub/sub is for a Redis Cluster "
+                                 "whose backend publishes with SPUBLISH)")
+
     # Longer than the signature window, so that a replay of a signed command is either refused
     # as stale or found in the database (PROTOCOL.md); a pruned one would run again.
     command_retention = r.int("COMMAND_RETENTION", 7 * 86400, 1)
@@ -603,6 +652,8 @@ def load(env_file: str | None = None) -> Config:
         redis_sentinels=sentinels,
         redis_sentinel_master=sentinel_master,
         redis_sentinel_password=r.str("REDIS_SENTINEL_PASSWORD") or password,
+        redis_cluster_nodes=cluster_nodes,
+        pubsub_sharded=pubsub_sharded,
         git_repo_paths=repos,
         docker_containers=containers,
         heartbeat_interval=r.int("HEARTBEAT_INTERVAL", 30, 1, 3600),

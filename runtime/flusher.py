@@ -20,8 +20,9 @@ from config import Config
 from errors import StoreUnavailable
 from outbox import Message, Store
 from outbox.retention import Retention
+from runtime.cluster import Routes
 from runtime.loop import REDIS_DOWN, Loop
-from runtime.publish import HOLD_SECONDS, publish_messages, read_run_id
+from runtime.publish import HOLD_SECONDS
 
 
 class Flusher(Loop):
@@ -35,12 +36,14 @@ class Flusher(Loop):
 
     batch = 500
 
-    def __init__(self, name: str, config: Config, client: redis.Redis, open_store: Callable[[], Store],
+    def __init__(self, name: str, config: Config, client: redis.Redis | Routes, open_store: Callable[[], Store],
                  wake: threading.Event, retry_now: threading.Event):
-        """``wake`` is set by whoever left something for it (a response written, Redis back);
+        """``client``: the agent's command connection, or its Routes (runtime/cluster.py);
+        ``wake`` is set by whoever left something for it (a response written, Redis back);
         ``retry_now`` asks it to make every waiting message due at once (Redis is back)."""
         super().__init__(name, config)
-        self.client, self.open_store, self.wake, self.retry_now = client, open_store, wake, retry_now
+        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.open_store, self.wake, self.retry_now = open_store, wake, retry_now
         self._handed: list[tuple[int, str | None, float]] = []  # from other threads, see ``handover``
         self._handed_lock = threading.Lock()
         self._confirm_timer = False  # the flusher's wait ends in time to confirm (no wake needed)
@@ -143,7 +146,7 @@ class Flusher(Loop):
         if all(self.unconfirmed[i][0] is None for i in ready):
             run_id = None  # all confirmed already (or INFO refused): nothing to ask Redis
         else:
-            run_id = read_run_id(self.client)
+            run_id = self.routes.run_id(self.config.response_channel)
         done, again = [], []
         for outbox_id in ready:
             published_on, _ = self.unconfirmed.pop(outbox_id)
@@ -179,7 +182,7 @@ class Flusher(Loop):
     def publish(self, rows: list[dict[str, Any]]) -> int:
         """Publish ``rows`` in one pipeline; returns how many were delivered."""
         messages = [Message(row["channel"], row["payload"], row["command_id"], row["result_key"]) for row in rows]
-        results, run_id = publish_messages(self.client, messages, self.config.result_ttl)
+        results, run_id = self.routes.publish(messages, self.config.result_ttl)
         now = time.time()
         delivered, retries = [], []
         for row, result in zip(rows, results):

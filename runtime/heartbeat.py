@@ -19,6 +19,7 @@ import redis
 
 import protocol
 from config import VERSION, Config
+from runtime.cluster import Routes
 from runtime.listener import Probe
 from runtime.loop import Loop
 
@@ -54,7 +55,7 @@ class Heartbeat(Loop):
 
     reports_outages = False  # the listener says it for the agent
 
-    def __init__(self, name: str, config: Config, client: redis.Redis, *, capabilities: list[str], started_at: float,
+    def __init__(self, name: str, config: Config, client: redis.Redis | Routes, *, capabilities: list[str], started_at: float,
                  instance: str, executed: Callable[[], int], connected: threading.Event,
                  stopping: threading.Event, now: threading.Event, probe: Probe | None = None,
                  every_beat: Callable[[], None] = lambda: None):
@@ -64,7 +65,8 @@ class Heartbeat(Loop):
         ``every_beat``: called each interval (the audit's summary of suppressed lines)."""
         super().__init__(name, config)
         self.probe = probe or Probe()
-        self.client, self.capabilities, self.started_at, self.instance = client, capabilities, started_at, instance
+        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.capabilities, self.started_at, self.instance = capabilities, started_at, instance
         self.executed, self.connected, self.stopping, self.now, self.every_beat = (
             executed, connected, stopping, now, every_beat)
         self.last_heartbeat: float | None = None  # unix s of the last successful write
@@ -128,18 +130,34 @@ class Heartbeat(Loop):
             "twin": self.twin or "",
         }
         probe = self.probe.next() if status == "online" else b""
-        args = [3 * interval, self.config.command_channel, probe]
+        # In a cluster the probe's PUBLISH inside BEAT runs on the registry's master: it reaches
+        # the listener on any node, but counts only that node's subscribers (no "no receiver"
+        # judgement then). Sharded, it must go to the command channel's own master: a second
+        # command, SPUBLISH, after the beat.
+        sharded = self.routes.sharded and bool(probe)
+        args = [3 * interval, self.config.command_channel, b"" if sharded else probe]
         for name, value in fields.items():
             args += [name, value]
-        try:
+
+        def send(client: redis.Redis) -> list:
             try:
-                reply = self.client.evalsha(BEAT_SHA, 1, key, *args)
+                return client.evalsha(BEAT_SHA, 1, key, *args)
             except redis.exceptions.NoScriptError:
-                self.client.script_load(BEAT)
-                reply = self.client.evalsha(BEAT_SHA, 1, key, *args)
+                client.script_load(BEAT)
+                return client.evalsha(BEAT_SHA, 1, key, *args)
+
+        try:
+            reply = list(self.routes.on(key, send))
+            if sharded:
+                try:
+                    reply[2] = self.routes.publish_raw(self.config.command_channel, probe)
+                except redis.exceptions.NoPermissionError:
+                    reply[3] = _text(reply[3] or b"") + ",publish"
         except BaseException:
             self.probe.published(probe, None)
             raise
+        if self.routes.cluster and not sharded:
+            reply[2] = -1
         instance, hostname, receivers, refused = reply
         refused = set((refused.decode() if isinstance(refused, bytes) else str(refused or "")).split(",")) - {""}
         self.last_heartbeat = time.time()

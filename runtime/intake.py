@@ -26,6 +26,7 @@ from handlers import Action, Registry, execute
 from handlers.base import answer_deadline
 from outbox import Message, Store
 from runtime.answers import Answers
+from runtime.cluster import ClusterAnswerPublisher, Routes
 from runtime.inbox import Inbox
 from runtime.loop import REDIS_DOWN, Loop
 from runtime.publish import HOLD_SECONDS, AnswerPublisher
@@ -40,19 +41,22 @@ class Intake:
     (``via="pubsub"``) or the stream reader (``via="stream"``).
     """
 
-    def __init__(self, config: Config, store: Store, client: redis.Redis, *, registry: Registry, answers: Answers,
+    def __init__(self, config: Config, store: Store, client: redis.Redis | Routes, *, registry: Registry, answers: Answers,
                  audit: Audit, pool: WorkerPool, wake_flusher: Callable[[], None],
                  handover: Callable[[list[int], str | None], None], on_done: Callable[[str, str, int], None],
                  stream_twins: StreamTwins, via: str = "pubsub"):
         """``pool`` takes the Jobs; ``wake_flusher`` and ``handover`` reach the flusher (an answer
-        due, answers published here to confirm); ``on_done`` counts a command answered on arrival."""
-        self.config, self.store, self.client = config, store, client
+        due, answers published here to confirm); ``on_done`` counts a command answered on arrival.
+        ``client``: the connection answers go out on, or the agent's Routes (runtime/cluster.py)."""
+        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.config, self.store = config, store
         self.registry, self.answers, self.audit, self.pool = registry, answers, audit, pool
         self.wake_flusher, self.handover, self.on_done = wake_flusher, handover, on_done
         self.stream_twins = stream_twins
         self.via = via
         self.log = logging.getLogger("cockpit_agent.intake")
-        self.publisher = AnswerPublisher(self.config, client)
+        self.publisher: AnswerPublisher | ClusterAnswerPublisher = (
+            ClusterAnswerPublisher(config, self.routes) if self.routes.cluster else AnswerPublisher(config, self.routes.client))
         # What a transaction produced, acted on only once it is committed (see ``_accept``):
         self._jobs: list[Job] = []  # to queue for the workers
         self._answers: list[tuple[int, Message]] = []  # outbox rows to publish at once
@@ -375,7 +379,7 @@ class Intake:
                 result_key=False,
             )[1].payload
         try:
-            self.client.publish(self.config.response_channel, payload)
+            self.routes.publish_raw(self.config.response_channel, payload)
         except REDIS_DOWN:
             pass
 

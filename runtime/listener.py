@@ -22,6 +22,7 @@ import redis
 from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._parsers.__all__
 
 from config import Config
+from runtime.cluster import REDIRECTS, Routes
 from runtime.inbox import Inbox
 from runtime.loop import REDIS_DOWN, Loop
 
@@ -120,26 +121,29 @@ class Listener(Loop):
     socket_read_size = 1024 * 1024
 
     def __init__(self, name: str, config: Config, inbox: Inbox, probe: Probe, online: Callable[[], None],
-                 offline: Callable[[], None], lost: Callable[[], None], client: redis.Redis | None = None):
+                 offline: Callable[[], None], lost: Callable[[], None], client: redis.Redis | None = None,
+                 routes: Routes | None = None):
         """``probe``: the self-check the heartbeat publishes; ``online``: Redis confirmed the
         subscription; ``offline``: it is down or silent; ``lost``: Redis closed it under us (what
         it held is gone). Never called by a listener the watchdog abandoned: its successor speaks
         for the subscription. ``client``: the agent's command connection, for the rare question
-        (CONFIG GET) asked beside the subscription."""
+        (CONFIG GET) asked beside the subscription. ``routes``: in a Redis Cluster, where the
+        command channel's slot is (the subscription goes to that master, found anew at every
+        subscribe, so a failover moves it)."""
         super().__init__(name, config)
         self.inbox, self.probe, self.shared = inbox, probe, client
+        self.routes = routes if routes is not None and routes.cluster else None
+        self.node: str | None = None  # host:port subscribed to, in a cluster
         self.online, self.offline, self.lost = online, offline, lost
         self.abandoned = False
 
     def setup(self) -> None:
         # No health-check PING of redis-py's: the probes (and, without them, _check_liveness) judge.
-        self.client = self.config.redis_client(health_check_interval=0)
+        self.client = self._new_client() if self.routes is None else None
         # _buffered looks into redis-py's pure-Python parser to tell a message that has partly
         # arrived from none at all. hiredis, where installed, replaces that parser by default
         # and would bring back the loss _next_message prevents, so these connections keep it
         # (redis-py swaps _RESP2Parser for its RESP3 twin when it speaks RESP3, its default).
-        self.client.connection_pool.connection_kwargs["parser_class"] = PythonParser
-        self.client.connection_pool.connection_kwargs["socket_read_size"] = self.socket_read_size
         self.pubsub: redis.client.PubSub | None = None
         interval = max(1.0, float(self.config.heartbeat_interval))
         # The heartbeat's probe comes every interval: a PING of our own only when it is late.
@@ -155,8 +159,19 @@ class Listener(Loop):
         self.last_check = 0.0
         self.reconnects = self.reconnects_seen = 0  # by redis-py, on its own (see _reconnected)
 
+    def _new_client(self, node: tuple[str, int] | None = None) -> redis.Redis:
+        if node is None:
+            client = self.config.redis_client(health_check_interval=0)
+        else:
+            client = self.config.redis_node_client(*node, health_check_interval=0)
+        client.connection_pool.connection_kwargs["parser_class"] = PythonParser
+        client.connection_pool.connection_kwargs["socket_read_size"] = self.socket_read_size
+        return client
+
     def teardown(self) -> None:
         self._close()
+        if self.client is not None:
+            self.client.close()
 
     def _close(self) -> None:
         if self.pubsub is not None:
@@ -170,8 +185,17 @@ class Listener(Loop):
             self.pubsub = None
 
     def _subscribe(self) -> None:
+        if self.routes is not None:
+            host, port, name = self.routes.node(self.config.command_channel)
+            if name != self.node or self.client is None:
+                if self.client is not None:
+                    self.client.close()
+                self.client, self.node = self._new_client((host, port)), name
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_pushed)
-        self.pubsub.subscribe(self.config.command_channel)
+        if self.routes is not None and self.routes.sharded:
+            self.pubsub.ssubscribe(self.config.command_channel)
+        else:
+            self.pubsub.subscribe(self.config.command_channel)
         # Connected now: any later connect of this connection is redis-py's own reconnection.
         self.pubsub.connection.register_connect_callback(self._reconnected)
         self.reconnects_seen = self.reconnects
@@ -194,7 +218,8 @@ class Listener(Loop):
         """Redis confirmed the subscription: say so, and send what waits."""
         self.confirm_nonce = None
         self.confirmed = True
-        self.log.info("subscribed to %s", self.config.command_channel)
+        self.log.info("subscribed to %s%s", self.config.command_channel,
+                      f" on {self.node} ({'sharded' if self.routes.sharded else 'classic'})" if self.routes else "")
         self.online()
 
     def _other(self, message: dict[str, Any]) -> None:
@@ -204,6 +229,12 @@ class Listener(Loop):
             self._online()
 
     def loop_once(self) -> None:
+        try:
+            self._loop_once()
+        except REDIRECTS as exc:  # a cluster's failover, or a slot moved: subscribe again where it is
+            raise redis.ConnectionError(f"the cluster moved {self.config.command_channel}: {exc}") from None
+
+    def _loop_once(self) -> None:
         if self.pubsub is None:
             self._subscribe()
         # Half a second: how long a stop waits for this thread, at two idle wake-ups a second.
@@ -217,7 +248,7 @@ class Listener(Loop):
                 self.silenced = False
                 self.log.info("Redis answers on the subscription again")
                 self._confirm(now)
-            if message["type"] == "message":
+            if message["type"] in ("message", "smessage"):
                 self._received(message["data"], now)
             else:
                 self._other(message)
@@ -326,8 +357,17 @@ class Listener(Loop):
         from redis.retry import Retry
 
         timeout = min(2.0, self.config.redis_socket_timeout)
-        client = self.config.redis_client(socket_timeout=timeout, socket_connect_timeout=timeout,
-                                          retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        settings = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                        health_check_interval=0)
+        if self.routes is not None:  # the master of the command channel's slot, as it is now
+            try:
+                self.routes.suspect()
+                host, port, _ = self.routes.node(self.config.command_channel)
+            except REDIS_DOWN:
+                return False
+            client = self.config.redis_node_client(host, port, **settings)
+        else:
+            client = self.config.redis_client(**settings)
         try:
             client.ping()
             return True
@@ -375,6 +415,8 @@ class Listener(Loop):
         return super().retry_delay(exc)
 
     def on_error(self, exc: Exception) -> None:
+        if self.routes is not None and isinstance(exc, REDIS_DOWN):
+            self.routes.suspect()
         if not self.abandoned:  # an abandoned listener must not speak for its replacement
             self.offline()
         self._close()

@@ -13,8 +13,9 @@ import redis
 from config import Config
 from errors import StoreUnavailable
 from outbox import Store
+from runtime.cluster import REDIRECTS, Routes
 from runtime.intake import Intake
-from runtime.loop import Loop
+from runtime.loop import REDIS_DOWN, Loop
 
 STREAM_GROUP = "cockpit-agent"
 
@@ -32,25 +33,44 @@ class StreamReader(Loop):
     block_ms = 1000
 
     def __init__(self, name: str, config: Config, open_store: Callable[[], Store],
-                 make_intake: Callable[[Store, redis.Redis], Intake], pending: Callable[[], int]):
+                 make_intake: Callable[[Store, redis.Redis], Intake], pending: Callable[[], int],
+                 routes: Routes | None = None):
         """``make_intake`` builds this thread's Intake (``via="stream"``); ``pending`` is how
-        many Jobs wait for a worker (it reads only while there is room)."""
+        many Jobs wait for a worker (it reads only while there is room); ``routes``: in a Redis
+        Cluster, where the stream's slot is (found again after every failure)."""
         super().__init__(name, config)
         self.open_store, self.make_intake, self.pending = open_store, make_intake, pending
+        self.routes = routes if routes is not None and routes.cluster else None
+        self.node: str | None = None
+
+    def _new_client(self) -> redis.Redis:
+        timeout = self.config.redis_socket_timeout + self.block_ms / 1000
+        if self.routes is None:
+            return self.config.redis_client(socket_timeout=timeout)
+        host, port, self.node = self.routes.node(self.config.stream_key)
+        return self.config.redis_node_client(host, port, socket_timeout=timeout)
 
     def setup(self) -> None:
-        self.client = self.config.redis_client(socket_timeout=self.config.redis_socket_timeout + self.block_ms / 1000)
+        self.client = self._new_client() if self.routes is None else None
         self.store = self.open_store()
-        self.intake = self.make_intake(self.store, self.client)
+        self.intake = self.make_intake(self.store, self.client)  # in a cluster it answers through the routes
         self.key, self.group, self.consumer = self.config.stream_key, STREAM_GROUP, self.config.agent_id
         self.reclaim = True  # read our own pending entries first
 
     def teardown(self) -> None:
-        self.client.close()  # its own connection (its intake publishes on it too)
+        if self.client is not None:
+            self.client.close()  # its own connection (its intake publishes on it too, but in a cluster)
         self.store.close()
 
     def on_error(self, exc: Exception) -> None:
         self.reclaim = True
+        if self.routes is not None and isinstance(exc, (*REDIS_DOWN, *REDIRECTS)):
+            self.routes.suspect()
+            if self.client is not None:
+                self.client.close()
+            self.client = None  # made again on the slot's master as it is then
+            if not isinstance(exc, REDIS_DOWN):
+                exc = redis.ConnectionError(f"the cluster moved {self.config.stream_key}: {exc}")
         if isinstance(exc, StoreUnavailable):
             # Raised by _consume for a database that cannot be written: the intake said so
             # already, one line a minute; a traceback at every retry would flood the log.
@@ -58,6 +78,8 @@ class StreamReader(Loop):
         super().on_error(exc)
 
     def loop_once(self) -> None:
+        if self.client is None:
+            self.client = self._new_client()
         if self.reclaim:
             self._ensure_group()
             self._consume("0")

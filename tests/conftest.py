@@ -38,6 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port under 55536 whose port + 10000 (the cluster bus) is free too."""
+    import random
+
+    while True:
+        port = random.randint(20000, 55000)
+        if port in taken or port + 10000 in taken or port - 10000 in taken:
+            continue
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+
+
 def sql(path: str, query: str, params=()) -> list[sqlite3.Row]:
     """Run one statement on the database at ``path`` on a connection of its own, as the
     sqlite3 shell would (committed at once); its rows."""
@@ -158,6 +175,113 @@ def unix_redis_server(tmp_path):
     server.kill()
 
 
+class LocalCluster:
+    """A real Redis Cluster on this machine: ``masters`` redis-servers with cluster-enabled yes,
+    each with ``replicas`` replicas, joined by ``redis-cli --cluster create``. A master killed
+    (``kill_master_of``) is replaced by its replica within a few seconds (cluster-node-timeout
+    1 s); ``restart`` brings the dead node back, as a replica of its successor."""
+
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1, password: str = PASSWORD):
+        self.password = password
+        self.masters, self.replicas = masters, replicas
+        self.servers = [RedisServer(workdir / f"node-{i}", password,
+                                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+                                     "--masterauth", password])
+                        for i in range(masters * (1 + replicas))]
+        taken: set[int] = set()
+        for server in self.servers:  # a node also listens on port + 10000 (the cluster bus)
+            server.port = free_cluster_port(taken)
+            taken.add(server.port)
+
+    def start(self) -> LocalCluster:
+        for server in self.servers:
+            server.start()
+        subprocess.run(["redis-cli", "-a", self.password, "--no-auth-warning", "--cluster", "create",
+                        *(f"127.0.0.1:{server.port}" for server in self.servers),
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+        return self
+
+    def nodes(self) -> str:
+        """REDIS_CLUSTER_NODES for the agent: every node, host:port, comma separated."""
+        return ",".join(f"127.0.0.1:{server.port}" for server in self.servers)
+
+    def alive(self) -> list[RedisServer]:
+        return [server for server in self.servers if server.proc and server.proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every live node says cluster_state:ok and agrees on one master per slot range."""
+        def ok():
+            for server in self.alive():
+                try:
+                    info = server.client(socket_timeout=1).execute_command("CLUSTER", "INFO")
+                except redis.RedisError:
+                    return False
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+            return len(self.master_ports()) == self.masters
+        wait_for(ok, timeout, interval=0.1, message="the cluster to be ok")
+
+    def master_ports(self) -> set[int]:
+        """The ports of the masters as a live node sees them (masters that are alive)."""
+        alive = {server.port for server in self.alive()}
+        for server in self.alive():
+            try:
+                slots = server.client(socket_timeout=1).execute_command("CLUSTER", "SLOTS")
+            except redis.RedisError:
+                continue
+            return {int(entry[2][1]) for entry in slots} & alive
+        return set()
+
+    def server_at(self, port: int) -> RedisServer:
+        return next(server for server in self.servers if server.port == port)
+
+    def master_of(self, name: str) -> RedisServer:
+        """The live master holding ``name``'s slot (a key or a channel)."""
+        from redis.crc import key_slot
+
+        slot = key_slot(name.encode())
+        for server in self.alive():
+            try:
+                slots = server.client(socket_timeout=1).execute_command("CLUSTER", "SLOTS")
+            except redis.RedisError:
+                continue
+            for entry in slots:
+                if int(entry[0]) <= slot <= int(entry[1]):
+                    return self.server_at(int(entry[2][1]))
+        raise AssertionError(f"no node holds the slot of {name}")
+
+    def kill_master_of(self, name: str) -> RedisServer:
+        """SIGKILL the master of ``name``'s slot; returns it (dead)."""
+        server = self.master_of(name)
+        server.kill()
+        return server
+
+    def client(self, **kwargs):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        kwargs.setdefault("socket_timeout", 5)
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", server.port) for server in self.alive()],
+                            password=self.password, **kwargs)
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.proc and server.proc.poll() is None:
+                server.resume()
+            server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A private Redis Cluster: three masters, three replicas."""
+    cluster = LocalCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.close()
+
+
 class GitRepos:
     """An origin repository and a clone of it (the clone is what the agent pulls)."""
 
@@ -268,8 +392,11 @@ class Backend:
     The subscriber thread reconnects on its own, so it keeps collecting across Redis restarts.
     """
 
-    def __init__(self, server: RedisServer, agent_id: str, secret: str | None = None):
-        self.server, self.agent_id, self.secret = server, agent_id, secret
+    def __init__(self, server: RedisServer | LocalCluster, agent_id: str, secret: str | None = None,
+                 sharded: bool = False):
+        """``server``: one redis-server, or a LocalCluster (then redis-py's cluster client, as a
+        backend on a cluster would use; ``sharded``: SSUBSCRIBE and SPUBLISH)."""
+        self.server, self.agent_id, self.secret, self.sharded = server, agent_id, secret, sharded
         self.responses: list[dict] = []
         self.raw: list[bytes] = []
         self._lock = threading.Lock()
@@ -284,17 +411,26 @@ class Backend:
             try:
                 client = self.server.client(socket_timeout=2)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(f"cockpit-agent-response:{self.agent_id}")
-                while not pubsub.subscribed:
-                    pubsub.get_message(timeout=0.1)
+                channel = f"cockpit-agent-response:{self.agent_id}"
+                if self.sharded:
+                    pubsub.ssubscribe(channel)
+                    while not pubsub.subscribed:
+                        pubsub.get_sharded_message(timeout=0.1)
+                else:
+                    pubsub.subscribe(channel)
+                    while not pubsub.subscribed:
+                        pubsub.get_message(timeout=0.1)
                 self.subscribed.set()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.2)
-                    if message and message["type"] == "message":
+                    if self.sharded:
+                        message = pubsub.get_sharded_message(timeout=0.2)
+                    else:
+                        message = pubsub.get_message(timeout=0.2)
+                    if message and message["type"] in ("message", "smessage"):
                         with self._lock:
                             self.raw.append(message["data"])
                             self.responses.append(json.loads(message["data"]))
-            except (redis.RedisError, OSError):
+            except (redis.RedisError, OSError, redis.exceptions.RedisClusterException):
                 self.subscribed.clear()
                 self._stop.wait(0.05)
 
@@ -311,7 +447,13 @@ class Backend:
 
     def publish(self, payload) -> int:
         data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
-        return self.server.client().publish(f"cockpit-agent:{self.agent_id}", data)
+        client = self.server.client()
+        try:
+            if self.sharded:
+                return client.spublish(f"cockpit-agent:{self.agent_id}", data)
+            return client.publish(f"cockpit-agent:{self.agent_id}", data)
+        finally:
+            client.close()
 
     def send(self, command: str, params: dict | None = None, **fields) -> str:
         message = self.message(command, params, **fields)
