@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e fleet soak
+.PHONY: chaos-cluster venv tools test fuzz chaos demo run lint clean install uninstall bench bench-profile systemd-e2e fleet soak
 
 venv: $(VENV)/.installed
 
@@ -102,4 +102,10 @@ soak: venv
 ITERATIONS ?= 20
 chaos: venv tools
 	CHAOS_ITERATIONS=$(ITERATIONS) $(if $(SEED),CHAOS_SEED=$(SEED)) \
+		$(BIN)/python -m pytest tests/system/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)
+
+# The same schedules against a local Redis Cluster (3 masters, 3 replicas): each Redis kill is a
+# master's SIGKILL and its replica's failover. `make chaos-cluster ITERATIONS=5`.
+chaos-cluster: venv tools
+	CHAOS_CLUSTER=1 CHAOS_ITERATIONS=$(ITERATIONS) $(if $(SEED),CHAOS_SEED=$(SEED)) \
 		$(BIN)/python -m pytest tests/system/test_chaos.py -k test_chaos_schedule -p no:randomly -q $(PYTEST_ARGS)

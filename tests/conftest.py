@@ -267,6 +267,16 @@ class LocalCluster:
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", server.port) for server in self.alive()],
                             password=self.password, **kwargs)
 
+    def numsub(self, channel: str) -> int:
+        """Subscribers of ``channel`` on all live nodes (each node counts only its own)."""
+        total = 0
+        for server in self.alive():
+            try:
+                total += server.client(socket_timeout=1).pubsub_numsub(channel)[0][1]
+            except redis.RedisError:
+                pass
+        return total
+
     def close(self) -> None:
         for server in self.servers:
             if server.proc and server.proc.poll() is None:
@@ -504,11 +514,13 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def wait_subscribed(self, server: RedisServer, timeout: float = 15.0) -> None:
+    def wait_subscribed(self, server: RedisServer | LocalCluster, timeout: float = 15.0) -> None:
         channel = f"cockpit-agent:{self.env['AGENT_ID']}"
 
         def subscribed():
             assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+            if isinstance(server, LocalCluster):
+                return server.numsub(channel) >= 1
             try:
                 return server.client().pubsub_numsub(channel)[0][1] >= 1
             except redis.RedisError:

@@ -38,7 +38,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import AgentProcess, Backend, FakeDocker, GitRepos, RedisServer, wait_for
+from conftest import AgentProcess, Backend, FakeDocker, GitRepos, LocalCluster, RedisServer, wait_for
 
 ITERATIONS = int(os.environ.get("CHAOS_ITERATIONS", "3"))
 _seed_env = os.environ.get("CHAOS_SEED")
@@ -50,6 +50,34 @@ else:
     BASE_SEED = 1000  # make test: fixed, reproducible schedules
 SEEDS = [BASE_SEED + i for i in range(ITERATIONS)]
 STEPS = int(os.environ.get("CHAOS_STEPS", "80"))
+# CHAOS_CLUSTER=1 (make chaos-cluster): against a 3+3 Redis Cluster; a "Redis kill" is a
+# master's SIGKILL, brought back (as a replica) once its replica has taken over.
+CLUSTER = os.environ.get("CHAOS_CLUSTER") == "1"
+
+
+class ChaosCluster(LocalCluster):
+    """A LocalCluster that the schedule kills and starts like one RedisServer."""
+
+    killed: RedisServer | None = None
+
+    def kill(self) -> None:
+        self.killed = random.choice([self.server_at(port) for port in self.master_ports()])
+        self.killed.kill()
+
+    def start(self) -> ChaosCluster:
+        if not self.alive():
+            return super().start()
+        if self.killed is not None:
+            killed, self.killed = self.killed, None
+            wait_for(lambda: killed.port not in self.master_ports() and len(self.master_ports()) == 3, 30,
+                     interval=0.1, message="a replica to take over")
+            killed.start()  # rejoins as a replica of its successor (its nodes.conf says which cluster)
+            self.wait_ok()
+        return self
+
+    def client(self, **kwargs):
+        kwargs.pop("retry", None)  # the cluster client retries by itself on another node; a publish may go twice
+        return super().client(**kwargs)
 
 FIGURES: list[RunFigures] = []
 
@@ -152,7 +180,7 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
     events = plan(rng, STEPS)
     containers = [f"c-{i}" for i in range(events.count("send"))]
 
-    server = RedisServer(tmp_path / "redis").start()
+    server = ChaosCluster(tmp_path / "cluster").start() if CLUSTER else RedisServer(tmp_path / "redis").start()
     repos = GitRepos(_mkdir(tmp_path / "git"))
     branches = GitBranches(repos)
     docker = FakeDocker(tmp_path / "docker")
@@ -162,8 +190,8 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
-        "REDIS_HOST": "127.0.0.1",
-        "REDIS_PORT": str(server.port),
+        **({"REDIS_CLUSTER_NODES": server.nodes()} if CLUSTER else
+           {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(server.port)}),
         "REDIS_PASSWORD": server.password,
         "AGENT_ID": agent_id,
         "GIT_REPO_PATH": str(repos.clone),
@@ -270,7 +298,7 @@ def run_schedule(seed: int, tmp_path: Path) -> RunFigures:
     finally:
         backend.close()
         agent.close()
-        server.kill()
+        server.close() if CLUSTER else server.kill()
     figures.seconds = time.monotonic() - started
     if figures.problems:
         figures.problems.append("agent logs: " + ", ".join(str(p) for p in agent_logs))

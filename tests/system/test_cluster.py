@@ -176,3 +176,43 @@ def test_a_master_killed_mid_run_fails_over_and_nothing_is_lost(tmp_path, agent_
         backend.close()
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"REDIS_CLUSTER_NODES": "h1:6379", "REDIS_SENTINELS": "h:26379", "REDIS_SENTINEL_MASTER": "m"},
+     "REDIS_CLUSTER_NODES"),
+    ({"REDIS_CLUSTER_NODES": "h1:6379", "REDIS_URL": "redis://:p@h:6379"}, "REDIS_URL"),
+    ({"REDIS_CLUSTER_NODES": "h1:6379", "REDIS_DB": "3"}, "REDIS_DB"),
+    ({"REDIS_CLUSTER_NODES": "h1"}, "REDIS_CLUSTER_NODES"),
+    ({"PUBSUB_SHARDED": "on"}, "PUBSUB_SHARDED"),
+])
+def test_cluster_settings_are_checked_at_start(config_from, env, named):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        config_from({"REDIS_PASSWORD": "pw-1234", "AGENT_ID": "a1", **env})
+    assert str(raised.value).startswith(named + ":"), str(raised.value)
+
+
+def test_cluster_settings_are_read_and_described_without_the_password(config_from):
+    config = config_from({"REDIS_PASSWORD": "pw-1234-secret", "AGENT_ID": "a1",
+                          "REDIS_CLUSTER_NODES": "10.0.0.1:7000, 10.0.0.2:7001", "PUBSUB_SHARDED": "on"})
+    assert config.redis_cluster_nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001)) and config.pubsub_sharded
+    assert "cluster via 10.0.0.1:7000,10.0.0.2:7001 pubsub=sharded" in config.describe()
+    assert "pw-1234-secret" not in config.describe()
+
+
+def test_an_agent_started_while_the_cluster_is_down_comes_online_when_it_is_up(tmp_path, agent_env, agent_process):
+    """The cluster client cannot read the slots at start: the agent keeps trying, like any outage."""
+    cluster = LocalCluster(tmp_path / "late")
+    try:
+        agent = agent_process(cluster_env(agent_env, cluster)).start()
+        wait_for(lambda: "Redis unreachable" in agent.log(), 15, message="the outage logged")
+        assert agent.proc.poll() is None
+        cluster.start()
+        agent.wait_subscribed(cluster, 30)
+        backend = Backend(cluster, agent_env["AGENT_ID"])
+        assert backend.call("echo", {"message": "late"}, timeout=20)["status"] == "success"
+        backend.close()
+    finally:
+        cluster.close()
