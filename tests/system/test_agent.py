@@ -480,16 +480,16 @@ def test_a_replay_while_its_answer_is_being_confirmed_is_answered_again(running_
     answer has come."""
     agent = running_agent()
     in_confirm, release = threading.Event(), threading.Event()
-    import runtime.flusher
+    from runtime.cluster import Routes
 
-    real_run_id = runtime.flusher.read_run_id
+    real_run_id = Routes.run_id
 
-    def slow_run_id(client):
+    def slow_run_id(self, channel):
         in_confirm.set()
         release.wait(15)
-        return real_run_id(client)
+        return real_run_id(self, channel)
 
-    monkeypatch.setattr(runtime.flusher, "read_run_id", slow_run_id)
+    monkeypatch.setattr(Routes, "run_id", slow_run_id)
     backend = make_backend(agent.config.agent_id)
     try:
         message = backend.message("docker_restart", command_id="replayed")

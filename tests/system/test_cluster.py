@@ -81,7 +81,7 @@ def test_the_protocol_runs_on_a_cluster(shared_cluster, agent_env, running_agent
 def test_an_idle_agent_on_a_cluster_sends_one_command_per_interval(shared_cluster, agent_env, running_agent):
     """Classic pub/sub: the beat (one EVALSHA on the registry's master) is all; the probe it
     publishes there reaches the subscription on another master through the cluster bus."""
-    agent = running_agent(REDIS_CLUSTER_NODES=shared_cluster.nodes())
+    agent = running_agent(REDIS_CLUSTER_NODES=shared_cluster.nodes(), HEARTBEAT_INTERVAL=1)
     registry_master = shared_cluster.master_of(f"agents:{agent.config.agent_id}")
     interval = agent.config.heartbeat_interval
 

@@ -35,8 +35,9 @@ def twin_errors(caplog, agent) -> list[str]:
 def test_two_agents_with_one_id_both_say_so(running_agent, agent_env, tmp_path, caplog):
     env_a = {**agent_env, "OUTBOX_DB": str(tmp_path / "a" / "outbox.db")}
     port_a, port_b = free_port(), free_port()
-    a = running_agent(OUTBOX_DB=env_a["OUTBOX_DB"], METRICS_PORT=port_a)
-    b = running_agent(OUTBOX_DB=str(tmp_path / "b" / "outbox.db"), METRICS_PORT=port_b)
+    env_a["HEARTBEAT_INTERVAL"] = "1"  # beats are what this test waits on
+    a = running_agent(OUTBOX_DB=env_a["OUTBOX_DB"], METRICS_PORT=port_a, HEARTBEAT_INTERVAL=1)
+    b = running_agent(OUTBOX_DB=str(tmp_path / "b" / "outbox.db"), METRICS_PORT=port_b, HEARTBEAT_INTERVAL=1)
 
     def said() -> set[str]:
         return {r.getMessage() for r in caplog.records
