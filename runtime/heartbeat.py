@@ -156,12 +156,13 @@ class Heartbeat(Loop):
         except BaseException:
             self.probe.published(probe, None)
             raise
-        if self.routes.cluster and not sharded:
-            reply[2] = -1
         instance, hostname, receivers, refused = reply
         refused = set((refused.decode() if isinstance(refused, bytes) else str(refused or "")).split(",")) - {""}
         self.last_heartbeat = time.time()
-        self.probe.published(probe, None if receivers < 0 else receivers)
+        if self.routes.cluster and not sharded and receivers >= 0:
+            pass  # sent, its count is another node's: it stays pending until the listener hears it (or not)
+        else:
+            self.probe.published(probe, None if receivers < 0 else receivers)
         if "publish" in refused and probe and not self.probe.refused:
             self.probe.refused = True
             self.log.warning("subscription self-check disabled: Redis refused the probe's PUBLISH on %s "

@@ -588,6 +588,9 @@ def running_agent(agent_env, config_from):
         agent.start()
         agents.append(agent)
         wait_for(agent.redis_connected.is_set, 15, message="the agent to subscribe")
+        # Its intake thread too (tests reach into agent.intake_loop.intake): the listener can be
+        # online before that thread has run its setup, on a loaded machine.
+        wait_for(lambda: hasattr(agent.intake_loop, "intake"), 10, message="the intake thread to start")
         return agent
 
     yield start
