@@ -268,11 +268,14 @@ class LocalCluster:
                             password=self.password, **kwargs)
 
     def numsub(self, channel: str) -> int:
-        """Subscribers of ``channel`` on all live nodes (each node counts only its own)."""
+        """Subscribers of ``channel``, classic and sharded, on all live nodes (each node counts
+        only its own)."""
         total = 0
         for server in self.alive():
             try:
-                total += server.client(socket_timeout=1).pubsub_numsub(channel)[0][1]
+                client = server.client(socket_timeout=1)
+                total += client.pubsub_numsub(channel)[0][1]
+                total += int(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
             except redis.RedisError:
                 pass
         return total
