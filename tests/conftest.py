@@ -55,6 +55,27 @@ def free_cluster_port(taken: set[int]) -> int:
         return port
 
 
+def agent_py(env: dict, *args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    """``python agent.py ARGS`` as an operator runs it, with exactly ``env`` (output piped, from
+    the checkout unless ``cwd`` says otherwise)."""
+    kwargs.setdefault("cwd", ROOT)
+    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+@pytest.fixture
+def main(capsys):
+    """``agent.main(argv)`` in-process: (exit code, stdout, stderr)."""
+    import agent as agent_module
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = agent_module.main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 def sql(path: str, query: str, params=()) -> list[sqlite3.Row]:
     """Run one statement on the database at ``path`` on a connection of its own, as the
     sqlite3 shell would (committed at once); its rows."""

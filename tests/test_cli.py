@@ -17,25 +17,7 @@ import pytest
 import agent as agent_module
 import protocol
 from conftest import PASSWORD, ROOT, SECRET, GitRepos, outbox_table, stuck_response, wait_for
-
-
-def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python agent.py ARGS`` as an operator runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def main(capsys):
-    """``agent.main(argv)`` in-process (the environment is the running agent's): (exit code, stdout, stderr)."""
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = agent_module.main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
+from conftest import agent_py as cli
 
 # -- check --------------------------------------------------------------------------------------
 

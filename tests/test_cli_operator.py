@@ -22,28 +22,10 @@ from datetime import datetime
 
 import pytest
 
-import agent as agent_module
 import errors
 from cli.common import since
 from conftest import PASSWORD, ROOT, outbox_table, stuck_response, wait_for
-
-
-def cli(env: dict, *args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    """``python agent.py ARGS`` as an operator runs it (stdout and stderr piped)."""
-    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
-
-
-@pytest.fixture
-def main(capsys):
-    """``agent.main(argv)`` in-process: (exit code, stdout, stderr)."""
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = agent_module.main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
+from conftest import agent_py as cli
 
 
 @pytest.fixture

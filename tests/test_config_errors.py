@@ -18,16 +18,10 @@ import pytest
 import redis
 
 import sealed
-from conftest import ROOT, RedisServer, wait_for
+from conftest import ROOT, RedisServer, agent_py, wait_for
 from errors import EX_CONFIG, ConfigError, NotAllowed
 
 BASE = {"REDIS_PASSWORD": "pw-123456", "AGENT_ID": "lab-01"}
-
-
-def agent_py(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python agent.py ARGS`` as an operator runs it, with exactly ``env``."""
-    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT)
 
 
 def bare_env(tmp_path: Path, **variables: str) -> dict:

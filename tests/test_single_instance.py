@@ -6,19 +6,13 @@ Before the lock the second one's start-up recovery answered the first's running 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import agent_py as cli
+from conftest import wait_for
 from errors import DatabaseInUse
 from outbox.owner import DatabaseLock, holder
-
-
-def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def test_a_second_agent_on_the_same_database_exits_78_and_the_first_answers_once(

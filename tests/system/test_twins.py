@@ -7,17 +7,11 @@ its own database is not a twin."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 
 from test_metrics import scrape
 
-from conftest import ROOT, free_port, wait_for
-
-
-def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+from conftest import agent_py as cli
+from conftest import free_port, wait_for
 
 
 def beats(agent, n: int) -> None:
