@@ -68,13 +68,6 @@ class Routes:
         """One PUBLISH (SPUBLISH when sharded), with no result key."""
         return self.client.publish(channel, payload)
 
-    def node_names(self) -> list[str]:
-        """host:port of the nodes the command connections go to (tests, ``make fleet``)."""
-        return []
-
-    def close(self) -> None:
-        self.client.close()
-
 
 class ClusterRoutes(Routes):
     """A Redis Cluster: each command on the master of its key's or channel's slot."""
@@ -215,18 +208,6 @@ class ClusterRoutes(Routes):
     def publish_raw(self, channel: str, payload: bytes | str) -> int:
         command = "SPUBLISH" if self.sharded else "PUBLISH"
         return self.on(channel, lambda client: client.execute_command(command, channel, payload))
-
-    def node_names(self) -> list[str]:
-        return sorted(self._clients)
-
-    def close(self) -> None:
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
-            topology, self._topology = self._topology, None
-        for client in clients:
-            client.close()
-        if topology is not None:
-            topology.close()
 
 
 class ClusterAnswerPublisher:

@@ -389,11 +389,6 @@ def _more(count: int, what: str) -> str:
     return f" ({count} more {what})" if count else ""
 
 
-def _more(count: int, what: str) -> str:
-    """The tail of a rate-limited log line: how many it stands for."""
-    return f" ({count} more {what})" if count else ""
-
-
 class IntakeLoop(Loop):
     """Takes what the listener read, everything buffered (up to ``group_max``) as one group,
     and hands it to its Intake: one transaction per group. Owns the Intake and its Store.
