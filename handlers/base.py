@@ -340,11 +340,10 @@ def execute(action: Action, children: Children | None = None, deadline: Deadline
     if children is not None:
         children.add(proc)
     try:
-        try:
-            stdout, stderr = proc.communicate(action.stdin, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        stdout, stderr, ended = _communicate(proc, action.stdin, timeout)
+        if ended == "timeout":
             _kill_group(proc)
-            stdout, stderr = _drain(proc)
+            stdout, stderr = _drain(proc, stdout, stderr)
             if timeout == action.timeout or deadline is None:
                 why = f"timed out after {timeout:g} s ({action.timeout_setting})"
             else:
@@ -355,6 +354,9 @@ def execute(action: Action, children: Children | None = None, deadline: Deadline
     finally:
         if children is not None:
             children.remove(proc)
+    if ended == "left running":
+        log.warning("%s exited, but a process it left running still holds its output; not waiting for that one",
+                    os.path.basename(action.argv[0]))
     out, err = _decode(stdout), _decode(stderr)
     if children is not None and children.interrupted.is_set() and proc.returncode == -signal.SIGKILL:
         return Result("error", out.strip() or None, "interrupted: the agent was stopped while this command ran", out)
@@ -378,16 +380,56 @@ def _not_started(action: Action, deadline: Deadline) -> str:
             f"{deadline.margin:g} s this answer needs to reach it ({counted}); nothing was run")
 
 
-def _drain(proc: subprocess.Popen) -> tuple[bytes, bytes]:
-    """Collect what a killed child left; a grandchild that escaped its group cannot hold us."""
-    try:
-        return proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe:
+# A child's pipes close when it and its group exit. A process it started in a session of its own
+# (setsid, a daemon) keeps them open: after the child itself has ended (or was killed), its
+# output is waited for this long, not until that process ends, so the answer is not held.
+PIPE_GRACE = 0.5
+_POLL = 0.1  # how often a running child is checked for having exited while its pipes stay open
+
+
+def _communicate(proc: subprocess.Popen, stdin: bytes | None,
+                 timeout: float | None) -> tuple[bytes | None, bytes | None, str]:
+    """The child's stdout and stderr, and how it ended: "exited", "timeout" (still running at
+    ``timeout``; not killed here), or "left running" (it exited, but a process it started
+    held its pipes for PIPE_GRACE more: the output so far, pipes closed)."""
+    end = None if timeout is None else time.monotonic() + timeout
+    exited_at = None
+    while True:
+        step = _POLL if end is None else max(0.0, min(_POLL, end - time.monotonic()))
+        try:
+            stdout, stderr = proc.communicate(stdin, timeout=step)
+            return stdout, stderr, "exited"
+        except subprocess.TimeoutExpired as exc:
+            # exc holds everything read so far; communicate goes on from there when called again.
+            stdout, stderr, stdin = exc.output, exc.stderr, None
+        now = time.monotonic()
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at >= PIPE_GRACE:
+            _close_pipes(proc)
+            return stdout, stderr, "left running"
+        if end is not None and now >= end and exited_at is None:
+            return stdout, stderr, "timeout"
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe:
+            try:
                 pipe.close()
+            except OSError:
+                pass
+
+
+def _drain(proc: subprocess.Popen, stdout: bytes | None, stderr: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """Collect what a killed child left (``stdout``/``stderr``: read before the kill); a process
+    that escaped its group cannot hold the answer more than PIPE_GRACE."""
+    try:
+        return proc.communicate(timeout=PIPE_GRACE)
+    except subprocess.TimeoutExpired as exc:
+        _close_pipes(proc)
         proc.wait(timeout=5)
-        return b"", b""
+        return exc.output or stdout, exc.stderr or stderr
 
 
 def monotonic_ms(start: float) -> int:

@@ -168,6 +168,56 @@ def test_timeout_kills_the_whole_process_group():
     wait_for(gone, 10, message="the grandchild to be killed")
 
 
+ESCAPING = (
+    "import subprocess, sys, time\n"
+    "escaped = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+    "print(escaped.pid, flush=True)\n"
+)
+
+
+@pytest.fixture
+def escaped_pids():
+    """pids of processes a command started in a session of their own; killed after the test."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_process_that_escaped_the_group_does_not_hold_a_timed_out_answer(escaped_pids):
+    """It holds the pipes after the kill (it is in another session): its output is waited for
+    PIPE_GRACE, not until it ends (it was 5 s, and a deadline's answer came after the backend
+    stopped waiting)."""
+    start = time.monotonic()
+    result = execute(Action(argv=(sys.executable, "-c", ESCAPING + "time.sleep(60)\n"), timeout=1,
+                            timeout_setting="COMMAND_TIMEOUT"))
+    took = time.monotonic() - start
+    escaped_pids.append(int(result.output))  # what it printed before the kill is kept
+    assert result.error == "timed out after 1 s (COMMAND_TIMEOUT); the process was killed"
+    assert took < 1 + 1.5, f"answered after {took:.1f} s"
+    assert os.path.exists(f"/proc/{escaped_pids[0]}")  # not ours to kill: it left the group
+
+
+def test_a_command_that_exits_leaving_a_process_on_its_pipes_is_answered_when_it_exits(escaped_pids, caplog):
+    """A command that starts a daemon which keeps its stdout: it ended with status 0, so the
+    answer is its success, not a timeout after COMMAND_TIMEOUT."""
+    start = time.monotonic()
+    result = execute(Action(argv=(sys.executable, "-c", ESCAPING + "print('started', flush=True)\n"), timeout=30))
+    took = time.monotonic() - start
+    pid, said = result.output.splitlines()
+    escaped_pids.append(int(pid))
+    assert result.status == "success" and said == "started" and result.error is None
+    assert took < 5, f"answered after {took:.1f} s; its timeout was 30 s"
+    assert "exited, but a process it left running still holds its output" in caplog.text
+
+    failed = execute(Action(argv=(sys.executable, "-c", ESCAPING + "raise SystemExit(3)\n"), timeout=30))
+    escaped_pids.append(int(failed.output))
+    assert failed.status == "error" and failed.error.startswith("python") and "exited with status 3" in failed.error
+
+
 def test_children_get_no_secrets_and_no_stdin(monkeypatch):
     monkeypatch.setenv("REDIS_PASSWORD", "leak-me-not")
     monkeypatch.setenv("COCKPIT_SHARED_SECRET", "leak-me-neither")
