@@ -134,20 +134,21 @@ class StallWatch:
         return self.longest >= self.limit
 
 
-def in_time(attempt, limit: float, what: str):
-    """``attempt()`` returns (result, seconds it took against the backend's wait ``limit``).
+def in_time(attempt, limit: float, what: str, waits: str = "the backend waits"):
+    """``attempt()`` returns (result, seconds it took), to be under ``limit``.
 
-    Once more when it was late and the process stalled meanwhile (StallWatch); the result of
-    the last attempt and every attempt's figure, for the assertion message."""
+    Once more when it was late and the process stalled meanwhile (StallWatch, for the smaller
+    of 1 s and half the limit); the result of the last attempt and the number of attempts.
+    The assertion message gives every attempt's figure."""
     seen = []
     for _ in range(2):
-        with StallWatch() as watch:
+        with StallWatch(min(1.0, limit / 2)) as watch:
             result, took = attempt()
         ran = f"ran {result['execution_time_ms']} ms, " if isinstance(result, dict) and "execution_time_ms" in result else ""
         seen.append(f"{took:.1f} s ({ran}longest stall of this process {watch.longest:.1f} s)")
         if took < limit or not watch.stalled:
             break
-    assert took < limit, f"{what} {' then '.join(seen)}; the backend waits {limit:g} s"
+    assert took < limit, f"{what} {' then '.join(seen)}; {waits} {limit:g} s"
     return result, len(seen)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import sql, wait_for
+from conftest import in_time, sql, wait_for
 
 
 def test_done_is_not_starved_by_idle_workers(running_agent, make_backend, git_repos):
@@ -17,14 +17,16 @@ def test_done_is_not_starved_by_idle_workers(running_agent, make_backend, git_re
     agent = running_agent()
     backend = make_backend(agent.config.agent_id)
     backend.call("git_pull", {"branch": "main"})
-    worst = 0.0
-    for i in range(4):
-        git_repos.commit(f"change-{i}")
+
+    def pull():
         t0 = time.monotonic()
         response = backend.call("git_pull", {"branch": "main"})
-        worst = max(worst, time.monotonic() - t0)
+        return response, time.monotonic() - t0
+
+    for i in range(4):
+        git_repos.commit(f"change-{i}")
+        response, _ = in_time(pull, 0.75, "a git_pull took", waits="the limit is")
         assert response["status"] == "success", response
-    assert worst < 0.75, f"a git_pull took {worst:.2f} s"
 
 
 def test_same_target_still_runs_in_order(running_agent, make_backend, git_repos):
@@ -103,21 +105,25 @@ def test_store_query_and_autocommit(tmp_path):
 
 def test_echo_is_answered_while_every_worker_is_busy(running_agent, make_backend, fake_docker):
     """echo runs nothing, so it is recorded done and answered on arrival, not behind a worker."""
-    fake_docker.behave("sleep 3")
+    fake_docker.behave("sleep 5")  # the echo, even tried twice, is over long before
     agent = running_agent(WORKER_COUNT=1)
     backend = make_backend(agent.config.agent_id)
     busy = backend.send("docker_restart", {"container_name": "grafana"})
     wait_for(lambda: agent.pool.workers[0].current is not None, 5, message="the worker to be busy")
-    t0 = time.monotonic()
-    response = backend.call("echo", {"message": "still here"}, timeout=2.5)
+
+    def echo():
+        t0 = time.monotonic()
+        response = backend.call("echo", {"message": "still here"}, timeout=2.5)
+        return response, time.monotonic() - t0
+
+    response, _ = in_time(echo, 1.0, "the echo took", waits="the limit is")
     assert response["output"] == "still here" and response["status"] == "success"
-    assert time.monotonic() - t0 < 1.0
     assert backend.responses_for(busy) == []
     store = agent.open_store()
     row = store.get(response["command_id"])
     store.close()
     assert row["state"] == "done" and row["output"] == "still here" and row["started_at"] is not None
-    assert backend.wait(busy, 10)["status"] == "success"
+    assert backend.wait(busy, 15)["status"] == "success"
 
 
 def test_responses_survive_a_flushed_script_cache(running_agent, make_backend, redis_server):
