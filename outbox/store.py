@@ -413,6 +413,17 @@ class Store:
                 )
 
     @_guarded
+    def refused(self, retries: list[tuple[int, float, str]]) -> None:
+        """Reschedule messages Redis refused (an ACL without the channel, a script error):
+        ``(id, next_attempt_at, reason)``; ``last_error`` says the reason, not 'no receiver'."""
+        if retries:
+            with self.immediate():
+                self._db.conn.executemany(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                    [(when, reason, i) for i, when, reason in retries],
+                )
+
+    @_guarded
     def hold(self, ids: list[int], until: float) -> None:
         """Keep published messages out of ``due`` until ``until`` (unix s) while they are confirmed."""
         self._by_ids("UPDATE outbox SET next_attempt_at = ? WHERE id IN ({})", [until], ids)

@@ -20,9 +20,15 @@ from config import Config
 from errors import StoreUnavailable
 from outbox import Message, Store
 from outbox.retention import Retention
+from protocol import preview
 from runtime.cluster import Routes
 from runtime.loop import REDIS_DOWN, Loop
 from runtime.publish import HOLD_SECONDS
+
+# A message Redis refused (NOPERM: an ACL without its channel) is tried again this often, until
+# the ACL is fixed; ``outbox.last_error`` says why it waits.
+REFUSED_RETRY = 30.0
+REFUSAL_PREVIEW = 200
 
 
 class Flusher(Loop):
@@ -184,13 +190,14 @@ class Flusher(Loop):
         messages = [Message(row["channel"], row["payload"], row["command_id"], row["result_key"]) for row in rows]
         results, run_id = self.routes.publish(messages, self.config.result_ttl)
         now = time.time()
-        delivered, retries = [], []
+        delivered, retries, refused = [], [], []
         for row, result in zip(rows, results):
             if isinstance(result, redis.exceptions.NoScriptError):
                 self.wake.set()  # nothing ran: still due, it goes out on the next pass
             elif isinstance(result, Exception):
-                self.log.error("outbox %d (%s): Redis refused it: %s", row["id"], row["command_id"], result)
-                retries.append((row["id"], now + 30.0))
+                reason = f"Redis refused it: {preview(str(result), REFUSAL_PREVIEW)}"
+                self.log.error("outbox %d (%s): %s", row["id"], row["command_id"], reason)
+                refused.append((row["id"], now + REFUSED_RETRY, reason))
             elif result != 0:
                 delivered.append(row["id"])
             elif row["unheard_since"] and now - row["unheard_since"] > self.config.response_retry_seconds:
@@ -214,6 +221,7 @@ class Flusher(Loop):
             for outbox_id in delivered:
                 self.unconfirmed[outbox_id] = (run_id, published_at)
         self.store.unheard(retries, now)
+        self.store.refused(refused)
         if self.unreachable is not None:  # Redis answered: the rows no longer wait for it
             self.unreachable = None
             self.store.clear_unreachable()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 import uuid
 
 import pytest
 import redis
 
-from conftest import ROOT, SECRET, wait_for
+from conftest import ROOT, SECRET, agent_py, sql, wait_for
 
 ACL_DOC = ROOT / "docs" / "redis-acl.md"
 
@@ -135,3 +136,32 @@ def test_acl_user_cannot_touch_another_agent(redis_server):
     objects = {entry["object"] for entry in denials(admin, username)}
     assert {f"agents:{other}", f"cockpit-agent:{other}", f"cockpit-agent-response:{other}",
             f"cockpit-agent-result:{other}:c2", f"cockpit-agent-stream:{other}", "flushall"} <= objects
+
+
+def test_an_answer_the_acl_refuses_says_so_in_the_outbox_and_goes_out_once_allowed(acl_agent, redis_server,
+                                                                                   make_backend):
+    """The response channel taken out of the agent's ACL: its answer waits, and the outbox (and
+    `outbox list`) says Redis refused it, with Redis's words, not 'no receiver'; `outbox retry`
+    after the fix delivers it."""
+    agent, username, _ = acl_agent
+    agent_id = agent.env["AGENT_ID"]
+    admin = redis_server.client()
+    backend = make_backend(agent_id, secret=SECRET)
+    assert backend.call("echo", {"message": "before"})["output"] == "before"
+    admin.execute_command("ACL", "SETUSER", username, "clearselectors", f"(+publish &cockpit-agent:{agent_id})")
+
+    command_id = backend.send("echo", {"message": "refused"})
+    db = agent.env["OUTBOX_DB"]
+    row = wait_for(lambda: (sql(db, "SELECT * FROM outbox WHERE command_id = ? AND last_error IS NOT NULL",
+                                (command_id,)) or [None])[0], 15, message="the refusal on the outbox row")
+    assert row["last_error"].startswith("Redis refused it: ") and "publish" in row["last_error"], row["last_error"]
+    assert row["unheard_since"] is None and row["next_attempt_at"] > time.time() + 20
+    listed = agent_py(agent.env, "outbox", "list")
+    assert listed.returncode == 0 and "Redis refused it" in listed.stdout and "no receiver" not in listed.stdout
+    assert backend.responses_for(command_id) == []
+
+    admin.execute_command("ACL", "SETUSER", username, "clearselectors",
+                          f"(+publish &cockpit-agent-response:{agent_id} &cockpit-agent:{agent_id})")
+    assert agent_py(agent.env, "outbox", "retry").returncode == 0
+    assert backend.wait(command_id, 15)["output"] == "refused"
+    assert agent.terminate() == 0
