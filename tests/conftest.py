@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -98,6 +100,16 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def documented_rules(agent_id: str, password: str, block: str = "acl") -> tuple[str, list[str]]:
+    """An ACL SETUSER block of docs/redis-acl.md (between ``<!-- {block}:begin -->`` and
+    ``<!-- {block}:end -->``), for ``agent_id``: (username, rules)."""
+    text = (ROOT / "docs" / "redis-acl.md").read_text()
+    found = re.search(rf"<!-- {block}:begin -->\s*```\n(.*?)```\s*<!-- {block}:end -->", text, re.S).group(1)
+    tokens = shlex.split(found.replace("{id}", agent_id).replace("{password}", password))
+    assert tokens[:2] == ["ACL", "SETUSER"]
+    return tokens[2], tokens[3:]
 
 
 class StallWatch:

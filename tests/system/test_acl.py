@@ -3,26 +3,13 @@ that user cannot do to other agents."""
 
 from __future__ import annotations
 
-import re
-import shlex
 import time
 import uuid
 
 import pytest
 import redis
 
-from conftest import ROOT, SECRET, agent_py, sql, wait_for
-
-ACL_DOC = ROOT / "docs" / "redis-acl.md"
-
-
-def documented_rules(agent_id: str, password: str) -> tuple[str, list[str]]:
-    """The ACL SETUSER block of docs/redis-acl.md, for ``agent_id``: (username, rules)."""
-    text = ACL_DOC.read_text()
-    block = re.search(r"<!-- acl:begin -->\s*```\n(.*?)```\s*<!-- acl:end -->", text, re.S).group(1)
-    tokens = shlex.split(block.replace("{id}", agent_id).replace("{password}", password))
-    assert tokens[:2] == ["ACL", "SETUSER"]
-    return tokens[2], tokens[3:]
+from conftest import SECRET, agent_py, documented_rules, sql, wait_for
 
 
 def install_user(admin: redis.Redis, agent_id: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from conftest import Backend, LocalCluster, wait_for
+from conftest import Backend, LocalCluster, documented_rules, wait_for
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -216,3 +216,38 @@ def test_an_agent_started_while_the_cluster_is_down_comes_online_when_it_is_up(t
         backend.close()
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["classic", "sharded"])
+def test_the_agent_works_under_the_documented_cluster_acl(shared_cluster, running_agent, git_repos, sharded):
+    """docs/redis-acl.md's user, with its cluster (and sharded) additions, installed on every
+    node as the docs say: the protocol and the heartbeat run, and no node refused anything."""
+    agent_id = f"acl-{uuid.uuid4().hex[:8]}"
+    password = f"agent-pw-{uuid.uuid4().hex}"
+    blocks = ["acl", "acl-cluster", *(["acl-sharded"] if sharded else [])]
+    admins = [server.client(socket_timeout=5) for server in shared_cluster.alive()]
+    for admin in admins:
+        admin.acl_log_reset()
+        for block in blocks:
+            username, rules = documented_rules(agent_id, password, block)
+            admin.execute_command("ACL", "SETUSER", username, *rules)
+    running_agent(REDIS_CLUSTER_NODES=shared_cluster.nodes(), PUBSUB_SHARDED="on" if sharded else "off",
+                  AGENT_ID=agent_id, REDIS_USERNAME=username, REDIS_PASSWORD=password)
+    backend = Backend(shared_cluster, agent_id, sharded=sharded)
+    try:
+        assert backend.call("echo", {"message": "least privilege"})["output"] == "least privilege"
+        assert backend.call("git_status")["status"] == "success"
+        client = shared_cluster.client()
+        wait_for(lambda: client.hget(f"agents:{agent_id}", "status") == b"online", 10, message="online")
+        # Two more heartbeats (HEARTBEAT_INTERVAL=2), each with its subscription probe.
+        seen = client.hget(f"agents:{agent_id}", "last_heartbeat")
+        wait_for(lambda: client.hget(f"agents:{agent_id}", "last_heartbeat") != seen, 10, message="a heartbeat")
+        client.close()
+    finally:
+        backend.close()
+    refused = [(admin.connection_pool.connection_kwargs["port"], entry) for admin in admins
+               for entry in admin.acl_log(count=100) if entry.get("username") == username]
+    assert refused == []
+    for admin in admins:
+        admin.execute_command("ACL", "DELUSER", username)
+        admin.close()
