@@ -203,7 +203,9 @@ class Config:
             return "the server closed the connection at once: if it only speaks TLS, set REDIS_SSL=1"
         if "WRONGPASS" in text or "invalid username-password" in text or "NOAUTH" in text:
             return "authentication failed: check REDIS_USERNAME and REDIS_PASSWORD (or REDIS_PASSWORD_FILE)"
-        if "NOPERM" in text:
+        # redis-py drops the NOPERM code ("this user has no permissions to run the 'x' command");
+        # inside a script Redis says "The user executing the script can't run this command ...".
+        if "NOPERM" in text or "no permissions to" in text or "user executing the script can't" in text:
             return "the Redis ACL user lacks a permission this agent needs: see docs/redis-acl.md"
         return None
 

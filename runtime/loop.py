@@ -86,6 +86,13 @@ class Loop(threading.Thread):
             else:
                 self.log.debug("Redis unreachable: %s", exc)
                 self.quiet = self.quiet or not self.reports_outages
+        elif isinstance(exc, redis.ResponseError) and (hint := self.config.explain_redis_error(exc)):
+            # Refused by the ACL: the same line at every retry says nothing new, and a traceback
+            # hides the hint; once per failing streak, like an outage.
+            if self.failing_since is None:
+                self.log.error("cannot use Redis: %s (%s); retrying with backoff", hint, exc)
+            else:
+                self.log.debug("still refused: %s", exc)
         else:
             self.log.exception("iteration failed; retrying")
 

@@ -103,3 +103,55 @@ def test_agent_refuses_to_start_with_one_line(tmp_path):
     assert result.returncode == 78
     assert result.stderr.strip() == "cockpit-agent: configuration error: REDIS_PORT: expected a whole number, got 'nope'"
     assert "pw-secret-1" not in result.stderr
+
+
+def test_an_acl_refusal_is_explained_with_the_words_redis_py_gives_it(config_from, redis_server):
+    """redis-py drops the NOPERM code from the message ("this user has no permissions to run
+    the 'ping' command"), so the ACL hint never matched; on a cluster the agent's own wrapping
+    ("cannot read the Redis Cluster's slots: ...") carries the same words."""
+    import redis
+
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "no-ping", "reset", "on", ">pw-no-ping", "-@all", "+get", "~*")
+    client = redis.Redis(port=redis_server.port, username="no-ping", password="pw-no-ping", socket_timeout=5)
+    with pytest.raises(redis.ResponseError) as refused:
+        client.ping()
+    config = config_from(BASE)
+    hint = "the Redis ACL user lacks a permission this agent needs: see docs/redis-acl.md"
+    assert "NOPERM" not in str(refused.value)
+    assert config.explain_redis_error(refused.value) == hint
+    wrapped = redis.ConnectionError(f"cannot read the Redis Cluster's slots: {refused.value}")
+    assert config.explain_redis_error(wrapped) == hint
+    assert config.explain_redis_error(redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")) is None
+    # Inside a script (the heartbeat, the answers), with other words.
+    admin.execute_command("ACL", "SETUSER", "no-hset", "reset", "on", ">pw-no-hset", "-@all", "+eval", "~*")
+    scripted = redis.Redis(port=redis_server.port, username="no-hset", password="pw-no-hset", socket_timeout=5)
+    with pytest.raises(redis.ResponseError) as in_script:
+        scripted.eval("return redis.call('HSET', KEYS[1], 'a', 'b')", 1, "agents:x")
+    assert config.explain_redis_error(in_script.value) == hint
+    assert config.explain_redis_error(redis.ResponseError("WRONGTYPE Operation against a key")) is None
+
+
+def test_a_loop_refused_by_the_acl_says_why_once_without_a_traceback(config_from, caplog):
+    """Every thread's failed iteration: an ACL refusal gets the hint, once per failing streak;
+    any other error its traceback, every time."""
+    import redis
+
+    from runtime.loop import Loop
+
+    loop = Loop("heartbeat", config_from(BASE))
+    refused = redis.exceptions.NoPermissionError("this user has no permissions to run the 'hset' command")
+    with caplog.at_level(logging.DEBUG):
+        loop.on_error(refused)
+        loop.failing_since = 1.0  # as Loop.run sets it after the first failure
+        loop.on_error(refused)
+        try:
+            raise redis.ResponseError("WRONGTYPE Operation against a key")
+        except redis.ResponseError as other:
+            loop.on_error(other)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors][0] == (
+        "cannot use Redis: the Redis ACL user lacks a permission this agent needs: see docs/redis-acl.md "
+        "(this user has no permissions to run the 'hset' command); retrying with backoff")
+    assert errors[0].exc_info is None and len(errors) == 2
+    assert errors[1].getMessage() == "iteration failed; retrying" and errors[1].exc_info[0] is redis.ResponseError
