@@ -35,6 +35,11 @@ REDIRECTS = (exceptions.MovedError, exceptions.AskError, exceptions.TryAgainErro
              exceptions.ReadOnlyError, exceptions.SlotNotCoveredError, exceptions.RedisClusterException)
 
 
+def moved(name: str, exc: BaseException) -> redis.ConnectionError:
+    """A redirect (REDIRECTS) for ``name``'s slot, as the outage every loop already retries."""
+    return redis.ConnectionError(f"the cluster moved the slot of {name}: {exc}")
+
+
 class Routes:
     """One Redis: every command goes on ``client`` (the agent's one command connection)."""
 
@@ -43,6 +48,11 @@ class Routes:
 
     def __init__(self, client: redis.Redis):
         self.client = client
+
+    @classmethod
+    def of(cls, client: redis.Redis | Routes) -> Routes:
+        """``client`` as Routes: the agent's Routes as they are, a plain client (tests, tools) wrapped."""
+        return client if isinstance(client, Routes) else cls(client)
 
     def for_key(self, name: str) -> redis.Redis:
         """The client for the node holding ``name``'s slot (a key or a channel)."""
@@ -78,6 +88,7 @@ class ClusterRoutes(Routes):
     def __init__(self, config: Config, wait: float):
         self.config, self.wait = config, wait
         self.sharded = config.pubsub_sharded
+        self.publish_command = "SPUBLISH" if self.sharded else "PUBLISH"
         self._topology: Any = None  # redis.cluster.RedisCluster, made on first use (Redis may be down at start)
         self._clients: dict[str, redis.Redis] = {}
         self._lock = threading.Lock()
@@ -116,7 +127,7 @@ class ClusterRoutes(Routes):
             return call(client)
         except REDIRECTS as exc:
             self.suspect()
-            raise redis.ConnectionError(f"the cluster moved the slot of {name}: {exc}") from None
+            raise moved(name, exc) from None
         except REDIS_DOWN:
             self.suspect()
             raise
@@ -148,12 +159,11 @@ class ClusterRoutes(Routes):
         if len(channels) != 1:
             raise ValueError(f"one response channel per batch, got {len(channels)}")
         channel = channels.pop()
-        command = "SPUBLISH" if self.sharded else "PUBLISH"
 
         def send(client: redis.Redis) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for i in todo:
-                pipe.execute_command(command, channel, messages[i].payload)
+                pipe.execute_command(self.publish_command, channel, messages[i].payload)
             if read_run_id:
                 pipe.evalsha(RUN_ID_SHA, 0)
             replies = pipe.execute(raise_on_error=False)
@@ -181,7 +191,7 @@ class ClusterRoutes(Routes):
                 raise reply
             if isinstance(reply, REDIRECTS):
                 self.suspect()
-                raise redis.ConnectionError(f"the cluster moved the slot of {name}: {reply}")
+                raise moved(name, reply)
         return replies
 
     def _per_node(self, keys: list[str], add: Callable[[Any, str], Any]) -> list[Any]:
@@ -206,8 +216,7 @@ class ClusterRoutes(Routes):
         return self.on(channel, read_run_id)
 
     def publish_raw(self, channel: str, payload: bytes | str) -> int:
-        command = "SPUBLISH" if self.sharded else "PUBLISH"
-        return self.on(channel, lambda client: client.execute_command(command, channel, payload))
+        return self.on(channel, lambda client: client.execute_command(self.publish_command, channel, payload))
 
 
 class ClusterAnswerPublisher:

@@ -48,7 +48,7 @@ class Flusher(Loop):
         ``wake`` is set by whoever left something for it (a response written, Redis back);
         ``retry_now`` asks it to make every waiting message due at once (Redis is back)."""
         super().__init__(name, config)
-        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.routes = Routes.of(client)
         self.open_store, self.wake, self.retry_now = open_store, wake, retry_now
         self._handed: list[tuple[int, str | None, float]] = []  # from other threads, see ``handover``
         self._handed_lock = threading.Lock()

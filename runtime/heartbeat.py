@@ -65,7 +65,7 @@ class Heartbeat(Loop):
         ``every_beat``: called each interval (the audit's summary of suppressed lines)."""
         super().__init__(name, config)
         self.probe = probe or Probe()
-        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.routes = Routes.of(client)
         self.capabilities, self.started_at, self.instance = capabilities, started_at, instance
         self.executed, self.connected, self.stopping, self.now, self.every_beat = (
             executed, connected, stopping, now, every_beat)
@@ -159,9 +159,9 @@ class Heartbeat(Loop):
         instance, hostname, receivers, refused = reply
         refused = set((refused.decode() if isinstance(refused, bytes) else str(refused or "")).split(",")) - {""}
         self.last_heartbeat = time.time()
-        if self.routes.cluster and not sharded and receivers >= 0:
-            pass  # sent, its count is another node's: it stays pending until the listener hears it (or not)
-        else:
+        # In a cluster a classic probe's count is its node's, not the listener's: it stays pending
+        # until the listener hears it (or not).
+        if not (self.routes.cluster and not sharded and receivers >= 0):
             self.probe.published(probe, None if receivers < 0 else receivers)
         if "publish" in refused and probe and not self.probe.refused:
             self.probe.refused = True

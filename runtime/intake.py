@@ -48,7 +48,7 @@ class Intake:
         """``pool`` takes the Jobs; ``wake_flusher`` and ``handover`` reach the flusher (an answer
         due, answers published here to confirm); ``on_done`` counts a command answered on arrival.
         ``client``: the connection answers go out on, or the agent's Routes (runtime/cluster.py)."""
-        self.routes = client if isinstance(client, Routes) else Routes(client)
+        self.routes = Routes.of(client)
         self.config, self.store = config, store
         self.registry, self.answers, self.audit, self.pool = registry, answers, audit, pool
         self.wake_flusher, self.handover, self.on_done = wake_flusher, handover, on_done

@@ -22,7 +22,7 @@ import redis
 from redis._parsers import _RESP2Parser as PythonParser  # listed in redis._parsers.__all__
 
 from config import Config
-from runtime.cluster import REDIRECTS, Routes
+from runtime.cluster import REDIRECTS, Routes, moved
 from runtime.inbox import Inbox
 from runtime.loop import REDIS_DOWN, Loop
 
@@ -232,7 +232,7 @@ class Listener(Loop):
         try:
             self._loop_once()
         except REDIRECTS as exc:  # a cluster's failover, or a slot moved: subscribe again where it is
-            raise redis.ConnectionError(f"the cluster moved {self.config.command_channel}: {exc}") from None
+            raise moved(self.config.command_channel, exc) from None
 
     def _loop_once(self) -> None:
         if self.pubsub is None:

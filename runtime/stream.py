@@ -13,7 +13,7 @@ import redis
 from config import Config
 from errors import StoreUnavailable
 from outbox import Store
-from runtime.cluster import REDIRECTS, Routes
+from runtime.cluster import REDIRECTS, Routes, moved
 from runtime.intake import Intake
 from runtime.loop import REDIS_DOWN, Loop
 
@@ -70,7 +70,7 @@ class StreamReader(Loop):
                 self.client.close()
             self.client = None  # made again on the slot's master as it is then
             if not isinstance(exc, REDIS_DOWN):
-                exc = redis.ConnectionError(f"the cluster moved {self.config.stream_key}: {exc}")
+                exc = moved(self.config.stream_key, exc)
         if isinstance(exc, StoreUnavailable):
             # Raised by _consume for a database that cannot be written: the intake said so
             # already, one line a minute; a traceback at every retry would flood the log.
