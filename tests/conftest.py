@@ -112,6 +112,11 @@ def documented_rules(agent_id: str, password: str, block: str = "acl") -> tuple[
     return tokens[2], tokens[3:]
 
 
+def denials(admin: redis.Redis, username: str) -> list[dict]:
+    """What the ACL LOG of ``admin``'s node holds for ``username``."""
+    return [entry for entry in admin.acl_log(count=1000) if entry.get("username") == username]
+
+
 class StallWatch:
     """Notices that this test process was not run for a while (a loaded CI machine).
 
@@ -310,16 +315,18 @@ class LocalCluster:
             return len(self.master_ports()) == self.masters
         wait_for(ok, timeout, interval=0.1, message="the cluster to be ok")
 
-    def master_ports(self) -> set[int]:
-        """The ports of the masters as a live node sees them (masters that are alive)."""
-        alive = {server.port for server in self.alive()}
+    def _slots(self) -> list:
+        """CLUSTER SLOTS as the first live node that answers sees it ([] if none does)."""
         for server in self.alive():
             try:
-                slots = server.client(socket_timeout=1).execute_command("CLUSTER", "SLOTS")
+                return server.client(socket_timeout=1).execute_command("CLUSTER", "SLOTS")
             except redis.RedisError:
                 continue
-            return {int(entry[2][1]) for entry in slots} & alive
-        return set()
+        return []
+
+    def master_ports(self) -> set[int]:
+        """The ports of the masters as a live node sees them (masters that are alive)."""
+        return {int(entry[2][1]) for entry in self._slots()} & {server.port for server in self.alive()}
 
     def server_at(self, port: int) -> RedisServer:
         return next(server for server in self.servers if server.port == port)
@@ -329,14 +336,9 @@ class LocalCluster:
         from redis.crc import key_slot
 
         slot = key_slot(name.encode())
-        for server in self.alive():
-            try:
-                slots = server.client(socket_timeout=1).execute_command("CLUSTER", "SLOTS")
-            except redis.RedisError:
-                continue
-            for entry in slots:
-                if int(entry[0]) <= slot <= int(entry[1]):
-                    return self.server_at(int(entry[2][1]))
+        for entry in self._slots():
+            if int(entry[0]) <= slot <= int(entry[1]):
+                return self.server_at(int(entry[2][1]))
         raise AssertionError(f"no node holds the slot of {name}")
 
     def kill_master_of(self, name: str) -> RedisServer:
@@ -509,21 +511,14 @@ class Backend:
             try:
                 client = self.server.client(socket_timeout=2)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                channel = f"cockpit-agent-response:{self.agent_id}"
-                if self.sharded:
-                    pubsub.ssubscribe(channel)
-                    while not pubsub.subscribed:
-                        pubsub.get_sharded_message(timeout=0.1)
-                else:
-                    pubsub.subscribe(channel)
-                    while not pubsub.subscribed:
-                        pubsub.get_message(timeout=0.1)
+                subscribe, get = ((pubsub.ssubscribe, pubsub.get_sharded_message) if self.sharded
+                                  else (pubsub.subscribe, pubsub.get_message))
+                subscribe(f"cockpit-agent-response:{self.agent_id}")
+                while not pubsub.subscribed:
+                    get(timeout=0.1)
                 self.subscribed.set()
                 while not self._stop.is_set():
-                    if self.sharded:
-                        message = pubsub.get_sharded_message(timeout=0.2)
-                    else:
-                        message = pubsub.get_message(timeout=0.2)
+                    message = get(timeout=0.2)
                     if message and message["type"] in ("message", "smessage"):
                         with self._lock:
                             self.raw.append(message["data"])

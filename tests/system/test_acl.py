@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from conftest import SECRET, agent_py, documented_rules, sql, wait_for
+from conftest import SECRET, agent_py, denials, documented_rules, sql, wait_for
 
 
 def install_user(admin: redis.Redis, agent_id: str) -> tuple[str, str]:
@@ -17,10 +17,6 @@ def install_user(admin: redis.Redis, agent_id: str) -> tuple[str, str]:
     username, rules = documented_rules(agent_id, password)
     admin.execute_command("ACL", "SETUSER", username, *rules)
     return username, password
-
-
-def denials(admin: redis.Redis, username: str) -> list[dict]:
-    return [entry for entry in admin.acl_log(count=1000) if entry.get("username") == username]
 
 
 @pytest.fixture
