@@ -79,8 +79,7 @@ def test_an_intake_stuck_after_its_replacement_stops_the_agent(running_agent, ma
     backend = make_backend(agent.config.agent_id)
     release = threading.Event()
     try:
-        wait_for(lambda: hasattr(agent.intake_loop, "intake"), 10, message="the intake thread to start")
-        stuck = agent.intake_loop
+        stuck = agent.intake_loop  # running_agent waited for its setup
         stuck.intake.handle_many = lambda batch, *rest: release.wait(60)
         backend.send("echo", {"message": "swallowed"})
         wait_for(lambda: agent.intake_loop is not stuck, 20, message="the first replacement")
