@@ -50,6 +50,7 @@ class Loop(threading.Thread):
         self.config = config
         self.log = logging.getLogger(f"cockpit_agent.{name}")
         self.stop = threading.Event()
+        self.ready = threading.Event()  # set once ``setup`` has run: what it opened exists
         self.backoff = Backoff(cap=self.backoff_cap)
         self.reconnect_backoff = Backoff(cap=self.reconnect_cap)
         self.last_progress = time.monotonic()
@@ -104,6 +105,7 @@ class Loop(threading.Thread):
         while not self.stop.is_set():
             try:
                 self.setup()
+                self.ready.set()
                 break
             except Exception as exc:  # e.g. the database directory is not writable yet
                 self.log.error("cannot start: %s", exc)

@@ -671,9 +671,10 @@ def running_agent(agent_env, config_from):
         agent.start()
         agents.append(agent)
         wait_for(agent.redis_connected.is_set, 15, message="the agent to subscribe")
-        # Its intake thread too (tests reach into agent.intake_loop.intake): the listener can be
-        # online before that thread has run its setup, on a loaded machine.
-        wait_for(lambda: hasattr(agent.intake_loop, "intake"), 10, message="the intake thread to start")
+        # Its threads' setup too (tests reach into agent.intake_loop.intake, agent.flusher.unconfirmed):
+        # the listener can be online before another thread has run its setup, on a loaded machine.
+        loops = (agent.intake_loop, agent.flusher, agent.heartbeat, *agent.pool.workers)
+        wait_for(lambda: all(loop.ready.is_set() for loop in loops), 10, message="the agent's threads to start")
         return agent
 
     yield start

@@ -83,7 +83,7 @@ def test_an_intake_stuck_after_its_replacement_stops_the_agent(running_agent, ma
         stuck.intake.handle_many = lambda batch, *rest: release.wait(60)
         backend.send("echo", {"message": "swallowed"})
         wait_for(lambda: agent.intake_loop is not stuck, 20, message="the first replacement")
-        wait_for(lambda: hasattr(agent.intake_loop, "intake"), 10, message="the replacement to start")
+        wait_for(agent.intake_loop.ready.is_set, 10, message="the replacement to start")
         agent.intake_loop.intake.handle_many = lambda batch, *rest: release.wait(60)
         backend.send("echo", {"message": "swallowed too"})
         wait_for(agent.unrecoverable.is_set, 20, message="the agent to give up on its intake")
